@@ -1,0 +1,115 @@
+"""The interface every depth-axis residual operator implements.
+
+A depth operator owns the residual stream of each token across depth. The decoder calls it
+around every sublayer *site* (attention, MLP, and the ShortSWA sub-block when present):
+
+    state = op.init_state(x0, ctx)                 # after the token embedding
+    for each site s, in order:
+        x = op.read(state, s, sublayer.norm, ctx)  # the sublayer's (normalised) input
+        y = sublayer(x, ctx)                       # attention / MLP / local mixer output
+        state = op.write(state, s, y, ctx)         # how the output enters the stream
+    h = op.finalize(state, ctx)                    # fed to the final norm and the LM head
+
+`read` returns the input already passed through the sublayer's pre-norm (operators that give
+attention separate query/key/value inputs return a `QKVViews`). Operators acting once per block
+(ELC-BERT, DenseFormer, MUDD, DCA, Vertical, depth_swa) do their work at `site.first` /
+`site.last`; the others (AttnRes, HC, DDL) at every site. Everything here is position-wise over
+depth: no operator mixes tokens, except those that declare `cross_token_state`.
+
+`depth_layers` in the config limits an operator to a subset of blocks; elsewhere the operator
+behaves as standard addition (operators decide what that means for their state and say so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch.nn as nn
+from torch import Tensor
+
+from resstream.options import NoOptions
+
+SITE_KINDS = ("mix", "attn", "mlp")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One sublayer position in the decoder: global index over all sublayers, its block, kind."""
+
+    index: int
+    layer: int
+    kind: str
+    first: bool  # first sublayer of its block
+    last: bool  # last sublayer of its block
+
+
+class QKVViews(NamedTuple):
+    """Separate (already normalised) inputs for attention's query, key and value projections."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+
+
+def build_sites(n_layers: int, kinds_per_block: tuple[str, ...]) -> list[Site]:
+    sites = []
+    for layer in range(n_layers):
+        for position, kind in enumerate(kinds_per_block):
+            sites.append(Site(len(sites), layer, kind, position == 0,
+                              position == len(kinds_per_block) - 1))
+    return sites
+
+
+class DepthOperator(nn.Module):
+    """Base class. Subclasses register with `@register_depth_operator("name")`."""
+
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type] = NoOptions
+    # metadata for `resstream operators` (the compatibility and cost table)
+    aggregates: ClassVar[str] = ""
+    mixing: ClassVar[str] = "none"  # "none" | "static" | "dynamic"
+    paper: ClassVar[str] = ""
+    starts_at_baseline: ClassVar[bool] = True
+    uses_depth_window: ClassVar[bool] = False
+    cross_token_state: ClassVar[bool] = False
+    granularity: ClassVar[str] = "sublayer"  # "sublayer" | "block"
+
+    def __init__(self, config, sites: list[Site], options: Any):
+        super().__init__()
+        self.config = config
+        self.sites = sites
+        self.options = options
+        self.d_model = config.d_model
+        self.n_layers = config.n_layers
+        active = config.depth_layers
+        self.active_layers = frozenset(range(config.n_layers) if active is None else active)
+
+    @classmethod
+    def validate_config(cls, config, options: Any) -> None:
+        """Raise UserError for combinations this operator cannot serve (default: accept all)."""
+
+    def is_active(self, layer: int) -> bool:
+        return layer in self.active_layers
+
+    # ---------------------------------------------------------------- the four hooks
+    def init_state(self, x0: Tensor, ctx) -> Any:
+        raise NotImplementedError
+
+    def read(self, state: Any, site: Site, norm: nn.Module, ctx) -> Tensor | QKVViews:
+        raise NotImplementedError
+
+    def write(self, state: Any, site: Site, out: Tensor, ctx) -> Any:
+        raise NotImplementedError
+
+    def finalize(self, state: Any, ctx) -> Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- systems accounting
+    def depth_state_vectors(self) -> int:
+        """Peak number of d-vectors per token alive across depth inside one forward."""
+        return 1
+
+    def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        """(formula, value): d-vectors per token that must cross a pipeline-stage boundary
+        placed after block `layer` (0-based)."""
+        return "1", 1

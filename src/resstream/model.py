@@ -1,0 +1,208 @@
+"""The two-axis decoder: token embedding, RoPE, RMSNorm pre-norm blocks of
+[optional local-mixer sub-block] -> attention -> SwiGLU MLP, final norm and LM head.
+
+The residual stream between sublayers belongs to a depth-axis operator (`config.depth`), the
+sequence-axis local slot to a local mixer (`config.local_mixer`); the decoder composes both by
+name through their registries, without knowing which it has (see depth/base.py, mixers/base.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from resstream.cache import ForwardContext, KVCache, ModelCache
+from resstream.config import ModelConfig
+from resstream.depth.base import QKVViews, build_sites
+from resstream.errors import UserError
+from resstream.layers import RMSNorm, RotaryEmbedding, SwiGLU, init_linear, output_std
+
+
+class Attention(nn.Module):
+    """Global causal multi-head attention (grouped KV heads optional) through SDPA."""
+
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, out_std: float):
+        super().__init__()
+        d, std = config.d_model, config.init_std
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.norm = RMSNorm(d, config.norm_eps)
+        self.q_proj = init_linear(nn.Linear(d, self.n_heads * self.head_dim, bias=False), std)
+        self.k_proj = init_linear(nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False), std)
+        self.v_proj = init_linear(nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False), std)
+        self.o_proj = init_linear(nn.Linear(self.n_heads * self.head_dim, d, bias=False), out_std)
+        self.rope = rope
+        self.input_mixer: nn.Module | None = None  # Canon-A slot
+        self.qkv_mixer: nn.Module | None = None  # Canon-B / ShortConv slot
+
+    def _inputs(self, x: Tensor | QKVViews, ctx) -> tuple[Tensor, Tensor, Tensor]:
+        views = x if isinstance(x, QKVViews) else None
+        if self.input_mixer is not None:
+            if views is None:
+                x = self.input_mixer(x, ctx)
+            else:
+                views = QKVViews(*(self.input_mixer(view, ctx, stream=i) for i, view in enumerate(views)))
+        if views is None:
+            return x, x, x
+        return views.q, views.k, views.v
+
+    def _project(self, x: Tensor | QKVViews, ctx) -> tuple[Tensor, Tensor, Tensor]:
+        xq, xk, xv = self._inputs(x, ctx)
+        q, k, v = self.q_proj(xq), self.k_proj(xk), self.v_proj(xv)
+        if self.qkv_mixer is not None:
+            sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
+            q, k, v = self.qkv_mixer(torch.cat([q, k, v], dim=-1), ctx).split(sizes, dim=-1)
+        b, t, _ = q.shape
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rope.cos_sin(ctx.positions, q.dtype)
+        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
+
+    def forward(self, x: Tensor | QKVViews, ctx: ForwardContext) -> Tensor:
+        q, k, v = self._project(x, ctx)
+        n_new = q.shape[2]
+        entry = ctx.entry(self)
+        mask = None
+        if entry is not None:
+            k, v = entry.update(k, v, ctx.offset)
+        if ctx.key_padding_mask is not None or (entry is not None and ctx.offset > 0 and n_new > 1):
+            mask = self._mask(n_new, k.shape[2], ctx.key_padding_mask, q.device)
+        is_causal = mask is None and n_new > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        b, h, t, d = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    @staticmethod
+    def _mask(n_queries: int, n_keys: int, key_padding_mask: Tensor | None, device) -> Tensor:
+        """End-aligned causal mask, optionally without padded keys (each query keeps itself so
+        that padded rows never become all -inf)."""
+        q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+        k_pos = torch.arange(n_keys, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if key_padding_mask is not None:
+            mask = (mask & key_padding_mask[:, None, None, :n_keys]) | (k_pos == q_pos)
+        return mask
+
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
+
+
+class FeedForward(SwiGLU):
+    """The MLP sublayer: its pre-norm plus a SwiGLU."""
+
+    def __init__(self, config: ModelConfig, out_std: float):
+        super().__init__(config.d_model, config.ffn_hidden, config.init_std, out_std)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Block(nn.Module):
+    """One layer: an optional local-mixer sub-block ("mix"), attention ("attn"), MLP ("mlp").
+    The residual stream between them is handled by the model's depth operator."""
+
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding, n_sublayers: int):
+        super().__init__()
+        out_std = output_std(config.init_std, n_sublayers)
+        slots = {}
+        if config.local_mixer_cls is not None:
+            slots = config.local_mixer_cls.build(config, layer, config.mixer_opts)
+        if "block" in slots:
+            self.mix = slots["block"]
+        self.attn = Attention(config, rope, out_std)
+        self.mlp = FeedForward(config, out_std)
+        self.attn.input_mixer = slots.get("attn_input")
+        self.attn.qkv_mixer = slots.get("qkv")
+        self.mlp.input_mixer = slots.get("mlp_input")
+        self.mlp.hidden_mixer = slots.get("mlp_hidden")
+        self.site_kinds = (("mix",) if "block" in slots else ()) + ("attn", "mlp")
+        self.sites: list = []  # filled by the model: this block's Site objects, in order
+
+    def sublayers(self) -> list[nn.Module]:
+        return [getattr(self, kind) for kind in self.site_kinds]
+
+
+class ResStreamLM(nn.Module):
+    """Decoder-only language model; `model(input_ids)` returns logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=config.init_std)
+        n_sublayers = 2 * config.n_layers  # GPT-2 style scaling of residual-writing projections
+        self.blocks = nn.ModuleList(Block(config, i, rope, n_sublayers) for i in range(config.n_layers))
+        per_block = len(self.blocks[0].site_kinds)
+        self.sites = build_sites(config.n_layers, self.blocks[0].site_kinds)
+        for i, block in enumerate(self.blocks):
+            block.sites = self.sites[i * per_block:(i + 1) * per_block]
+        self.depth = config.depth_operator_cls(config, self.sites, config.depth_opts)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            init_linear(self.lm_head, config.init_std)
+        for name, module in self.named_modules():
+            if hasattr(module, "new_cache_entry"):
+                module.cache_key = name
+
+    # ---------------------------------------------------------------- forward
+    def context(self, n_tokens: int, cache: ModelCache | None, key_padding_mask: Tensor | None,
+                device) -> ForwardContext:
+        offset = 0 if cache is None else cache.length
+        if offset + n_tokens > self.config.max_seq_len:
+            raise UserError(f"sequence length {offset + n_tokens} exceeds max_seq_len="
+                            f"{self.config.max_seq_len}; allowed: at most max_seq_len tokens")
+        positions = torch.arange(offset, offset + n_tokens, device=device)
+        return ForwardContext(positions, cache, key_padding_mask)
+
+    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext) -> Tensor:
+        """The depth operator's final stream (before the final norm), [B, T, d]."""
+        state = self.depth.init_state(self.embed(input_ids), ctx)
+        for block in self.blocks:
+            for site, sublayer in zip(block.sites, block.sublayers()):
+                x = self.depth.read(state, site, sublayer.norm, ctx)
+                state = self.depth.write(state, site, sublayer(x, ctx), ctx)
+        return self.depth.finalize(state, ctx)
+
+    def forward(self, input_ids: Tensor, cache: ModelCache | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        if input_ids.dim() != 2:
+            raise UserError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise UserError("input_ids has 0 tokens; allowed: at least 1")
+        ctx = self.context(input_ids.shape[1], cache, key_padding_mask, input_ids.device)
+        hidden = self.hidden_states(input_ids, ctx)
+        logits = self.lm_head(self.norm(hidden))
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return logits
+
+    # ---------------------------------------------------------------- utilities
+    def new_cache(self, batch_size: int, max_len: int | None = None, device=None,
+                  dtype=None) -> ModelCache:
+        """A fresh decode cache for `batch_size` sequences of up to `max_len` tokens."""
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.config.max_seq_len:
+            raise UserError(f"max_len={max_len} is invalid; allowed: 1..{self.config.max_seq_len}")
+        param = self.embed.weight
+        device = param.device if device is None else device
+        dtype = param.dtype if dtype is None else dtype
+        entries = {name: module.new_cache_entry(batch_size, max_len, device, dtype)
+                   for name, module in self.named_modules() if hasattr(module, "new_cache_entry")}
+        return ModelCache(entries, batch_size, max_len)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_hf_llama(cls, hf_model) -> "ResStreamLM":
+        """Build a `standard` model with the weights of a Hugging Face LlamaForCausalLM."""
+        from resstream.interop import llama_to_resstream
+
+        return llama_to_resstream(cls, hf_model)
+
