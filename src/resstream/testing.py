@@ -1,0 +1,50 @@
+"""Helpers for testing operators and mixers (used by our test suite; handy for new operators)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from resstream.config import ModelConfig
+from resstream.model import ResStreamLM
+
+
+def tiny_config(**changes: Any) -> ModelConfig:
+    """A small, fast configuration (2 cores): 3 blocks, d=32, 4 heads, 2 KV heads."""
+    base = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                mlp_hidden=48, local_window=4)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def copy_shared_weights(source: torch.nn.Module, target: torch.nn.Module) -> list[str]:
+    """Copy every parameter/buffer that both models have (same name and shape) from source into
+    target; returns the names of target tensors that were not copied (the operator's own)."""
+    source_state = source.state_dict()
+    target_state = target.state_dict()
+    own = []
+    with torch.no_grad():
+        for name, tensor in target_state.items():
+            if name in source_state and source_state[name].shape == tensor.shape:
+                tensor.copy_(source_state[name])
+            else:
+                own.append(name)
+    return own
+
+
+def baseline_twin(model: ResStreamLM) -> ResStreamLM:
+    """The `standard` model with the same shape, mixer and shared weights as `model`."""
+    config = model.config.replace(depth="standard", depth_options={}, depth_window=None,
+                                  depth_layers=None)
+    twin = ResStreamLM(config).to(next(model.parameters()).dtype)
+    copy_shared_weights(model, twin)
+    return twin
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> None:
+    """Add small Gaussian noise to every parameter (moves zero-initialised parameters off zero,
+    so that tests can see whether each one matters)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
