@@ -9,7 +9,6 @@ import sys
 
 # Modules that add subcommands. Each defines register(subparsers) and sets a `func` default.
 COMMAND_MODULES = (
-    "resstream.duality",
     "resstream.bench",
 )
 

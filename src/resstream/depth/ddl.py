@@ -1,0 +1,205 @@
+"""Deep Delta Learning (Zhang, Liu, Wang, Gu; arXiv 2601.00417).
+
+The residual state of a token is X in R^{d x d_v} (d_v = 1: the ordinary vector). Around every
+sublayer (Compress -> Process -> Rewrite):
+
+    x_in = C(X)                          compressor; identity when d_v = 1
+    c    = Norm(x_in)                    the sublayer's own pre-norm
+    h    = F(c)                          attention / MLP / mixer output
+    k    = h / sqrt(||h||^2 + eps_k^2)   unit direction taken from the sublayer output itself
+    beta = 2 sigmoid(w_beta^T c + b_beta)            in (0, 2), computed in float32
+    v    = W_v c + b_v  in R^{d_v}       target value along k (paper text)
+    X'   = X + beta k (v^T - k^T X) = (I - beta k k^T) X + beta k v^T
+
+The Delta operator A = I - beta k k^T has eigenvalues 1 (d-1 times) and 1 - beta: beta -> 0 is
+the identity, beta = 1 makes the readout k^T X' equal v^T exactly (projection), beta = 2 is a
+Householder reflection along k. Final readout: C_final(X) -> final norm -> LM head.
+
+Expanded state (d_v > 1): X_0 = x_emb 1^T (plain repetition; the EC expander is an option) and
+the CC compressor x_in[i] = sum_j c_ij X[i, j], c in R^{d x d_v} per site, initialised to
+1/d_v (the read vector of the paper; the released code adds N(0, 0.5/sqrt(d)) noise to the
+compressor weights -- `compressor_init="code"`).
+
+Defaults follow the paper's text (spec decision 4); the released code's choices are options:
+- `value="paper"`: v = W_v c.  `value="code"`: v = 4 sigmoid(W_v x_in + b_v) (bounded, from the
+  un-normalised x_in).
+- `beta_gate="linear"`: w_beta^T c + b_beta.  `beta_gate="mlp"`: W_2 tanh(W_1 c + b_1) + b_2,
+  hidden 128.
+- `beta_init`: b_beta = logit(beta_init / 2), w_beta = 0, so beta = beta_init exactly at step 0.
+  The paper's text does not fix beta_0; its reported configs use 1.0, which we take as the
+  default (the model then starts in the exact-overwrite regime along k, NOT at the standard
+  residual). The code's module fallback (0.0, clamped to logit(1e-6)) is `beta_init=0`.
+- k is the normalised sublayer output (App. A.1: no separate k-generator in the reported runs).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from resstream.depth.base import DepthOperator
+from resstream.options import require
+from resstream.registry import register_depth_operator
+
+EPS_K = 1e-5
+
+
+def delta_update(X: Tensor, k: Tensor, beta: Tensor, v: Tensor) -> Tensor:
+    """X' = X + beta k (v^T - k^T X).  X [..., d, d_v], k [..., d] unit, beta [...], v [..., d_v]."""
+    readout = torch.einsum("...d,...dv->...v", k, X)
+    return X + beta[..., None, None] * k[..., :, None] * (v - readout)[..., None, :]
+
+
+def unit_direction(h: Tensor, eps: float = EPS_K) -> Tensor:
+    return h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + eps * eps)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+class DeltaGate(nn.Module):
+    """beta(c) = 2 sigmoid(gate(c)), float32; starts exactly at beta_init."""
+
+    def __init__(self, d_model: int, beta_init: float, kind: str, init_std: float):
+        super().__init__()
+        if kind == "mlp":
+            self.hidden = nn.Linear(d_model, 128)
+            nn.init.normal_(self.hidden.weight, std=init_std)
+            nn.init.zeros_(self.hidden.bias)
+            self.out = nn.Linear(128, 1)
+        else:
+            self.hidden = None
+            self.out = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.constant_(self.out.bias, _logit(beta_init / 2))
+
+    def forward(self, c: Tensor) -> Tensor:
+        c = c.float()
+        with torch.autocast(device_type=c.device.type, enabled=False):
+            x = torch.tanh(self.hidden.float()(c)) if self.hidden is not None else c
+            return 2 * torch.sigmoid(self.out.float()(x)).squeeze(-1)
+
+
+class ChannelCompressor(nn.Module):
+    """CC: x_in[i] = sum_j c_ij X[i, j] (per-feature weights over the d_v channels)."""
+
+    def __init__(self, d_model: int, value_dim: int, init: str):
+        super().__init__()
+        weight = torch.full((d_model, value_dim), 1.0 / value_dim)
+        if init == "code":
+            weight = weight + torch.randn(d_model, value_dim) * (0.5 / math.sqrt(d_model))
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, X: Tensor) -> Tensor:
+        return (X * self.weight).sum(-1)
+
+
+@dataclass
+class DDLState:
+    X: Tensor  # [B, T, d] (d_v = 1) or [B, T, d, d_v]
+    x_in: Tensor | None = None  # compressed read of the current site
+    c: Tensor | None = None  # its normalised form (the sublayer input)
+    extra: dict = field(default_factory=dict)
+
+
+@register_depth_operator("ddl")
+class DeepDeltaLearning(DepthOperator):
+    aggregates = "rank-1 delta-rule rewrite of the current state along the sublayer output"
+    mixing = "dynamic"
+    paper = "Zhang, Liu, Wang, Gu, Deep Delta Learning (arXiv 2601.00417)"
+    starts_at_baseline = False  # beta_init = 1 by default: exact overwrite along k
+
+    @dataclass
+    class Options:
+        value_dim: int = 1  # d_v; 1 = scalar state, > 1 = expanded matrix state (paper: 4)
+        beta_init: float = 1.0
+        beta_gate: str = "linear"  # "linear" | "mlp"
+        value: str = "paper"  # "paper" (v = W_v c) | "code" (v = 4 sigmoid(W_v x_in + b_v))
+        compressor: str = "cc"  # "cc" (channel mixing); used when value_dim > 1
+        compressor_init: str = "mean"  # "mean" (1/d_v) | "code" (1/d_v + N(0, 0.5/sqrt(d)))
+        expander: str = "none"  # "none" (repeat the embedding into every channel)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        require(options.value_dim >= 1, "depth_options.value_dim", options.value_dim, "an integer >= 1")
+        require(0 <= options.beta_init <= 2, "depth_options.beta_init", options.beta_init, "0 <= beta_init <= 2")
+        require(options.beta_gate in ("linear", "mlp"), "depth_options.beta_gate", options.beta_gate, "linear, mlp")
+        require(options.value in ("paper", "code"), "depth_options.value", options.value, "paper, code")
+        require(options.compressor in cls.compressor_choices(), "depth_options.compressor", options.compressor,
+                ", ".join(cls.compressor_choices()))
+        require(options.compressor_init in ("mean", "code"), "depth_options.compressor_init",
+                options.compressor_init, "mean, code")
+        require(options.expander in cls.expander_choices(), "depth_options.expander", options.expander,
+                ", ".join(cls.expander_choices()))
+
+    @classmethod
+    def compressor_choices(cls) -> tuple[str, ...]:
+        return ("cc",)
+
+    @classmethod
+    def expander_choices(cls) -> tuple[str, ...]:
+        return ("none",)
+
+    def __init__(self, config, sites, options):
+        super().__init__(config, sites, options)
+        d, dv = config.d_model, options.value_dim
+        self.value_dim = dv
+        self.active_sites = [s.index for s in sites if self.is_active(s.layer)]
+        self.gates = nn.ModuleDict()
+        self.values = nn.ModuleDict()
+        self.compressors = nn.ModuleDict()
+        for index in self.active_sites:
+            key = str(index)
+            self.gates[key] = DeltaGate(d, options.beta_init, options.beta_gate, config.init_std)
+            value = nn.Linear(d, dv)
+            nn.init.normal_(value.weight, std=config.init_std)
+            nn.init.zeros_(value.bias)
+            self.values[key] = value
+        if dv > 1:
+            for index in [s.index for s in sites] + ["final"]:
+                self.compressors[str(index)] = ChannelCompressor(d, dv, options.compressor_init)
+
+    # ---------------------------------------------------------------- hooks
+    def init_state(self, x0, ctx):
+        if self.value_dim == 1:
+            return DDLState(x0)
+        return DDLState(x0[..., None].expand(*x0.shape, self.value_dim).contiguous())
+
+    def compress(self, X: Tensor, key: str) -> Tensor:
+        return X if self.value_dim == 1 else self.compressors[key](X)
+
+    def read(self, state, site, norm, ctx):
+        state.x_in = self.compress(state.X, str(site.index))
+        state.c = norm(state.x_in)
+        return state.c
+
+    def write(self, state, site, out, ctx):
+        if site.index not in self.active_sites:  # standard addition (into every channel)
+            state.X = state.X + (out if self.value_dim == 1 else out[..., None])
+            return state
+        key = str(site.index)
+        beta = self.gates[key](state.c).to(out.dtype)
+        if self.options.value == "code":
+            v = 4 * torch.sigmoid(self.values[key](state.x_in))
+        else:
+            v = self.values[key](state.c)
+        k = unit_direction(out)
+        X = state.X if self.value_dim > 1 else state.X[..., None]
+        X = delta_update(X, k, beta, v)
+        state.X = X if self.value_dim > 1 else X[..., 0]
+        return state
+
+    def finalize(self, state, ctx):
+        return self.compress(state.X, "final")
+
+    # ---------------------------------------------------------------- accounting
+    def depth_state_vectors(self) -> int:
+        return self.value_dim
+
+    def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        return "d_v", self.value_dim

@@ -1,0 +1,85 @@
+"""Canon layers: residual short causal convolutions over tokens at up to four places per block.
+
+Paper: "Physics of Language Models: Part 4.1, Architecture Design and the Magic of Canon Layers",
+Zeyuan Allen-Zhu, arXiv 2512.17351 (NeurIPS 2025). Per channel, with k = 4 taps,
+
+    canon(h)_t = sum_{i=0}^{k-1} w_i ⊙ h_{t-i}          (h_{t-i} = 0 before the first token)
+    h <- h + canon(h)
+
+residual on, no activation, no bias (the paper's recommended Transformer defaults). Placements,
+chosen by the `placements` string ("ABCD" = all, "AC" = A and C, ...):
+
+    A  attention's normalised input (width d), inside the attention branch ("attn_input" slot)
+    B  the concatenated q, k, v projections before RoPE (width d_q + 2 d_kv)  ("qkv" slot)
+    C  the MLP's normalised input (width d)                                  ("mlp_input" slot)
+    D  the concatenated SwiGLU gate/up projections before the activation
+       (width 2 d_ff)                                                        ("mlp_hidden" slot)
+
+Our choices where the paper is silent or its code differs:
+  * init (`init`): "small" (default) draws every tap from N(0, init_std): the layer starts as
+    the identity plus a small conv, so the model starts close to (not exactly at) the baseline
+    and the taps are not symmetric; "zero" starts exactly at the baseline (the taps still get
+    gradients through the residual); "uniform" is PyTorch's Conv1d default U(+-1/sqrt(k)), which
+    a plain nn.Conv1d (as in the released code) starts from.
+  * B is applied before RoPE (our attention has no QK-norm, so "after QK-norm" is moot).
+  * when a depth operator gives attention separate q, k, v inputs (MUDD, DCA), Canon-A is
+    applied to each view with one set of weights and a separate decode history per view.
+  * `activation` ("none" default, "silu") and `residual` (True default) are options, so the
+    Canon-b variant (ShortConv on q, k, v with SiLU, no residual) is also reachable here.
+
+Decode state: the last k-1 inputs of each Canon layer (see mixers/shortconv.py); Canon-A keeps
+three histories (one per q/k/v view).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from resstream.mixers.base import LocalMixer
+from resstream.mixers.shortconv import CausalDepthwiseConv, qkv_width, validate_conv_options
+from resstream.options import require
+from resstream.registry import register_local_mixer
+
+PLACEMENT_SLOTS = {"A": "attn_input", "B": "qkv", "C": "mlp_input", "D": "mlp_hidden"}
+
+
+def placement_width(config, letter: str) -> int:
+    if letter == "B":
+        return qkv_width(config)
+    if letter == "D":
+        return 2 * config.ffn_hidden
+    return config.d_model
+
+
+@register_local_mixer("canon")
+class Canon(LocalMixer):
+    paper = "Allen-Zhu, Physics of Language Models Part 4.1: Canon layers (arXiv 2512.17351)"
+    decode_state = ("last k-1 inputs per placement: (k-1) x (3d [A, one per q/k/v view] + "
+                    "(d_q+2d_kv) [B] + d [C] + 2 d_ff [D]) per layer")
+
+    @dataclass
+    class Options:
+        placements: str = "ABCD"  # any set of A, B, C, D (e.g. "AC")
+        kernel: int = 4
+        activation: str = "none"  # "none" (paper default for Transformers) or "silu"
+        residual: bool = True
+        bias: bool = False
+        init: str = "small"  # "small", "zero" or "uniform" (see module docstring)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        letters = options.placements
+        require(isinstance(letters, str) and len(letters) >= 1 and set(letters) <= set("ABCD")
+                and len(set(letters)) == len(letters), "mixer_options.placements", letters,
+                "a non-empty set of the letters A, B, C, D without repeats, e.g. ABCD or AC")
+        validate_conv_options(options, ("small", "zero", "uniform"))
+
+    @classmethod
+    def build(cls, config, layer, options):
+        slots = {}
+        for letter in sorted(options.placements):
+            streams = 3 if letter == "A" else 1
+            slots[PLACEMENT_SLOTS[letter]] = CausalDepthwiseConv(
+                placement_width(config, letter), options.kernel, options.bias, options.activation,
+                residual=options.residual, streams=streams, init=options.init,
+                init_std=config.init_std)
+        return slots

@@ -1,0 +1,162 @@
+"""ShortConv: a short depthwise causal convolution over tokens on attention's q, k, v branches,
+the "ShortConvolution" of Mamba / Mamba-2 (`d_conv=4`), GLA / Gated DeltaNet (`conv_size=4`) and
+the flash-linear-attention library; Allen-Zhu calls this placement "Canon-b" ("Physics of
+Language Models: Part 4.1, Architecture Design and the Magic of Canon Layers", Z. Allen-Zhu,
+arXiv 2512.17351): the original Conv1D, with SiLU and without a residual.
+
+Per channel c of the concatenated projections [q; k; v] (width d_q + 2 d_kv), before RoPE:
+
+    y_t = phi( sum_{i=0}^{k-1} w_i ⊙ x_{t-i} + b ),      x_{t-i} = 0 for t - i < 0
+
+with k = 4 taps (`kernel`), phi = SiLU (`activation="silu"`, as in fla) or the identity
+(`activation="none"`), bias off by default (fla's default). There is no residual, so attention
+sees phi(conv(qkv)) instead of qkv.
+
+Our choices where the sources are silent or differ:
+  * init (`init`): "uniform" (default) is PyTorch's Conv1d default U(-1/sqrt(k), 1/sqrt(k)), what
+    fla's ShortConvolution (an nn.Conv1d) starts from; "identity" sets w_0 = 1 and the other taps
+    to 0, so with activation "none" the model starts exactly at the baseline.
+  * the taps are stored lag-ordered: `weight[i]` multiplies x_{t-i} (the formula above), and are
+    flipped into F.conv1d's cross-correlation layout at call time.
+  * left-padded batched generation: inputs at padded positions (key_padding_mask False) are
+    zeroed before the conv, so a padded row sees exactly what an unpadded sequence sees (zeros
+    before its first token).
+
+Decode state: the last k-1 inputs of each conv (`ConvHistory`), (k-1) x C values per sequence
+per slot module; a chunk of any length is convolved after prepending that history, so cached
+decoding with T = 1 steps, chunks shorter than k-1 or long chunks equals the full forward.
+
+`CausalDepthwiseConv` is shared with the Canon mixer (mixers/canon.py), which adds the residual.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from resstream.mixers.base import LocalMixer
+from resstream.options import require
+from resstream.registry import register_local_mixer
+
+ACTIVATIONS = ("silu", "none")
+CONV_INITS = ("uniform", "identity", "small", "zero")
+
+
+class ConvHistory:
+    """Decode state of one conv: the last k-1 inputs, [streams, B, k-1, C] (zeros before the
+    first token, which is the conv's zero padding)."""
+
+    def __init__(self, streams: int, batch_size: int, kernel: int, channels: int, device, dtype):
+        self.history = torch.zeros(streams, batch_size, kernel - 1, channels, device=device, dtype=dtype)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.history]
+
+
+class CausalDepthwiseConv(nn.Module):
+    """y_t = phi(sum_{i<k} w_i ⊙ x_{t-i} + b) [+ x_t if residual], per channel, over tokens.
+
+    `streams` separate decode histories are kept (3 for the attention-input slot, whose q, k, v
+    views may differ when a depth operator gives attention separate inputs)."""
+
+    def __init__(self, channels: int, kernel: int = 4, bias: bool = False, activation: str = "silu",
+                 residual: bool = False, streams: int = 1, init: str = "uniform", init_std: float = 0.02):
+        super().__init__()
+        self.channels, self.kernel, self.streams = channels, kernel, streams
+        self.activation, self.residual = activation, residual
+        self.weight = nn.Parameter(torch.empty(kernel, channels))  # weight[i] multiplies x_{t-i}
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.reset_parameters(init, init_std)
+
+    def reset_parameters(self, init: str, init_std: float) -> None:
+        with torch.no_grad():
+            if init == "uniform":  # PyTorch Conv1d default for a depthwise conv: fan_in = k
+                bound = 1.0 / math.sqrt(self.kernel)
+                self.weight.uniform_(-bound, bound)
+                if self.bias is not None:
+                    self.bias.uniform_(-bound, bound)
+            elif init == "identity":  # y_t = x_t before the activation
+                self.weight.zero_()
+                self.weight[0].fill_(1.0)
+            elif init == "small":
+                self.weight.normal_(0.0, init_std)
+            elif init == "zero":
+                self.weight.zero_()
+            else:
+                raise ValueError(f"init={init!r} is invalid; allowed: {', '.join(CONV_INITS)}")
+
+    def _conv_weight(self) -> Tensor:
+        """[C, 1, k] in F.conv1d's layout: cross-correlation, so the oldest tap comes first."""
+        return self.weight.flip(0).t().unsqueeze(1)
+
+    def _masked(self, x: Tensor, ctx) -> Tensor:
+        mask = None if ctx is None else ctx.key_padding_mask
+        if mask is None:
+            return x
+        offset = ctx.offset
+        return x * mask[:, offset:offset + x.shape[1], None].to(x.dtype)
+
+    def forward(self, x: Tensor, ctx=None, stream: int = 0) -> Tensor:
+        """x [B, T, C] -> [B, T, C]; with a cache, continues from the stored history."""
+        inputs = self._masked(x, ctx)
+        entry = None if ctx is None else ctx.entry(self)
+        keep = self.kernel - 1
+        if entry is None:
+            padded = F.pad(inputs.transpose(1, 2), (keep, 0))
+        else:
+            sequence = torch.cat([entry.history[stream].to(inputs.dtype), inputs], dim=1)
+            entry.history[stream].copy_(sequence[:, sequence.shape[1] - keep:].detach())
+            padded = sequence.transpose(1, 2)
+        y = F.conv1d(padded, self._conv_weight().to(inputs.dtype), self.bias, groups=self.channels)
+        y = y.transpose(1, 2)
+        if self.activation == "silu":
+            y = F.silu(y)
+        return x + y if self.residual else y
+
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> ConvHistory:
+        return ConvHistory(self.streams, batch_size, self.kernel, self.channels, device, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, kernel={self.kernel}, activation={self.activation}, "
+                f"residual={self.residual}, bias={self.bias is not None}, streams={self.streams}")
+
+
+def qkv_width(config) -> int:
+    """Width of the concatenated q, k, v projections: d_q + 2 d_kv."""
+    return (config.n_heads + 2 * config.kv_heads) * config.head_dim
+
+
+def validate_conv_options(options, allowed_inits: tuple[str, ...] = CONV_INITS) -> None:
+    require(isinstance(options.kernel, int) and 1 <= options.kernel <= 64, "mixer_options.kernel",
+            options.kernel, "an integer in 1..64 (4 is the usual choice)")
+    require(options.activation in ACTIVATIONS, "mixer_options.activation", options.activation,
+            ", ".join(ACTIVATIONS))
+    require(options.init in allowed_inits, "mixer_options.init", options.init, ", ".join(allowed_inits))
+
+
+@register_local_mixer("shortconv")
+class ShortConv(LocalMixer):
+    paper = ("ShortConvolution of Mamba-2 / GLA / fla; Canon-b in Allen-Zhu, Physics of LMs 4.1 "
+             "(arXiv 2512.17351)")
+    decode_state = "last k-1 inputs of the qkv conv: (k-1) x (d_q + 2 d_kv) per layer"
+
+    @dataclass
+    class Options:
+        kernel: int = 4  # taps k: the conv sees x_t .. x_{t-k+1}
+        activation: str = "silu"  # "silu" (fla default) or "none"
+        bias: bool = False
+        init: str = "uniform"  # "uniform" (PyTorch Conv1d default) or "identity" (w_0 = 1)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        validate_conv_options(options, ("uniform", "identity"))
+
+    @classmethod
+    def build(cls, config, layer, options):
+        conv = CausalDepthwiseConv(qkv_width(config), options.kernel, options.bias, options.activation,
+                                   residual=False, init=options.init, init_std=config.init_std)
+        return {"qkv": conv}

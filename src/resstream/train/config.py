@@ -1,0 +1,395 @@
+"""Training configuration: dataclasses, loaded from YAML or JSON as data, overridden from the
+command line with `--section.key=value`.
+
+A config file has up to six top-level keys::
+
+    preset: small            # model shape, see `resstream presets`
+    name: my-run             # run name; the default run folder is runs/<name>
+    model: {depth: ddl}      # ModelConfig fields applied on top of the preset
+    data: {source: shakespeare, seq_len: 128, batch_size: 32}
+    optim: {lr: 2.0e-3, warmup_steps: 50}
+    train: {steps: 1000, seed: 0, eval_every: 100}
+
+Files are parsed with `yaml.safe_load` / `json.loads` and never executed. Every key is checked:
+an unknown key is an error that lists the valid keys of its section, and every value is checked
+against its field's type (strings such as "3e-4" are accepted for numbers, since YAML 1.1 reads
+`3e-4` without a dot as a string).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resstream.errors import UserError
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how batches are cut."""
+
+    source: str = "shakespeare"  # 'shakespeare', a .txt file or folder, or hf:NAME[:CONFIG]
+    seq_len: int | None = None  # None: the model's max_seq_len
+    batch_size: int = 32  # sequences per micro-batch
+    cache_dir: str | None = None  # None: $RESSTREAM_DATA_CACHE or ./data_cache
+
+    def validate(self) -> None:
+        _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
+                 self.source, "'shakespeare', a .txt file or folder, or hf:NAME[:CONFIG]")
+        if self.seq_len is not None:
+            _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer >= 1 or null")
+        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr`."""
+
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # applied to matrices (>= 2-D parameters) only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        _require(math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "optim.min_lr",
+                 self.min_lr, f"a number in [0, optim.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+                 "an integer >= 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
+                 "a number >= 0 (0: no clipping)")
+        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "an integer >= 1")
+
+
+@dataclass
+class LoopConfig:
+    """Length of the run, evaluation, logging, checkpoints and execution options."""
+
+    steps: int = 1000  # optimizer steps
+    seed: int = 0  # model init, data order and every random number of the run
+    eval_every: int = 100  # evaluate every N steps (and always at the end); 0: only at the end
+    eval_tokens: int | None = 65536  # validation budget per periodic evaluation; None: all
+    final_eval_tokens: int | None = None  # budget of the final evaluation; None: all
+    eval_batch_size: int = 16
+    log_every: int = 10  # write a train record to metrics.jsonl every N steps
+    checkpoint_every: int = 500  # 0: only the final checkpoint
+    keep_checkpoints: int = 3  # keep the last K checkpoints
+    precision: str = "fp32"  # 'bf16' runs forward passes under bf16 autocast
+    compile: bool = False  # torch.compile the model; falls back to eager if compiling fails
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    progress: bool = True  # show a progress bar
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every,
+                 "an integer >= 0 (0: only at the end)")
+        for name in ("eval_tokens", "final_eval_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                _require(value >= 1, f"train.{name}", value, "an integer >= 1 or null (all)")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size,
+                 "an integer >= 1")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
+                 "an integer >= 0 (0: only the final checkpoint)")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints,
+                 "an integer >= 1")
+        _require(self.precision in PRECISIONS, "train.precision", self.precision,
+                 ", ".join(PRECISIONS))
+        _require(self.device in DEVICES, "train.device", self.device, ", ".join(DEVICES))
+        if self.threads is not None:
+            _require(self.threads >= 1, "train.threads", self.threads, "an integer >= 1 or null")
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig}
+TOP_LEVEL_KEYS = ("preset", "name", "model", "data", "optim", "train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (the run folder is given separately)."""
+
+    preset: str = "small"
+    name: str | None = None
+    model: dict = field(default_factory=dict)  # ModelConfig fields over the preset
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "TrainConfig":
+        """Build from plain data, checking every key and coercing every value."""
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"config must be a mapping of sections; got {type(values).__name__}")
+        unknown = sorted(set(values) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise UserError(f"unknown config key(s) {', '.join(unknown)}; valid keys: "
+                            f"{', '.join(TOP_LEVEL_KEYS)}")
+        config = cls()
+        if "preset" in values:
+            config.preset = _coerce(values["preset"], str, "preset")
+        if "name" in values:
+            config.name = _coerce(values["name"], str | None, "name")
+        if "model" in values:
+            config.model = _model_section(values["model"])
+        for section, section_cls in SECTIONS.items():
+            if section in values:
+                setattr(config, section, _build_section(section, section_cls, values[section]))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        _require(isinstance(self.preset, str) and self.preset != "", "preset", self.preset,
+                 "a preset name (see `resstream presets`)")
+        for section in SECTIONS:
+            getattr(self, section).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "TrainConfig":
+        """A copy with dotted-key overrides applied, e.g. {"optim.lr": "3e-4"}."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(values, key, value)
+        return TrainConfig.from_dict(values)
+
+    def model_config(self):
+        """The resolved ModelConfig: the preset, then the `model` overrides, then a context at
+        least as long as the training sequences."""
+        from resstream.presets import get_preset
+
+        config = get_preset(self.preset).config(**self.model)
+        seq_len = self.data.seq_len
+        if seq_len is not None and seq_len > config.max_seq_len and "max_seq_len" not in self.model:
+            config = config.replace(max_seq_len=seq_len)
+        return config
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or int(self.model_config().max_seq_len)
+
+
+# -------------------------------------------------------------------- loading
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file as plain data (never executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; allowed: a .yaml, "
+                                ".yml or .json file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "syntax error"
+        raise UserError(f"config file {str(path)!r} is not valid "
+                        f"{'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of sections "
+                        f"({', '.join(TOP_LEVEL_KEYS)}); got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'--optim.lr=3e-4' or 'optim.lr=3e-4' -> ('optim.lr', 0.0003-as-YAML-data).
+
+    The value is read with yaml.safe_load (so `null`, `true`, `[0, 1]`, `{a: 1}` work) and
+    coerced to the field's type later."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise UserError(f"override {text!r} has no value; allowed: --section.key=value")
+    key, raw = body.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text, the field's type decides
+    return key, value
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set values['a']['b'] = value for key 'a.b', rejecting unknown keys."""
+    parts = key.split(".")
+    if parts[0] not in TOP_LEVEL_KEYS:
+        raise UserError(f"unknown config key {key!r}; valid sections: "
+                        f"{', '.join(TOP_LEVEL_KEYS)}")
+    if len(parts) == 1:
+        values[key] = value
+        return
+    section = parts[0]
+    if section in SECTIONS:
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        if len(parts) != 2 or parts[1] not in valid:
+            raise UserError(f"unknown config key {key!r}; valid keys in {section}: "
+                            f"{', '.join(valid)}")
+    elif section == "model":
+        valid = _model_field_names()
+        if parts[1] not in valid:
+            raise UserError(f"unknown config key {key!r}; valid keys in model: "
+                            f"{', '.join(valid)}")
+    else:
+        raise UserError(f"config key {key!r} is invalid; {section} takes a value, not keys")
+    target = values.setdefault(section, {})
+    for part in parts[1:-1]:  # model.depth_options.foo=1
+        if not isinstance(target.get(part), dict):
+            target[part] = {}
+        target = target[part]
+    target[parts[-1]] = value
+
+
+# -------------------------------------------------------------------- helpers
+
+def _build_section(section: str, section_cls: type, values: Any):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"config section {section!r} must be a mapping; got "
+                        f"{type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                        f"valid keys in {section}: {', '.join(fields)}")
+    hints = typing.get_type_hints(section_cls)
+    kwargs = {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
+    return section_cls(**kwargs)
+
+
+def _model_field_names() -> list[str]:
+    from resstream.config import ModelConfig
+
+    return ModelConfig.field_names()
+
+
+def _model_section(values: Any) -> dict[str, Any]:
+    """Check model overrides against ModelConfig's fields and coerce them to its types."""
+    from resstream.config import ModelConfig
+
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config section 'model' must be a mapping; got {type(values).__name__}")
+    valid = ModelConfig.field_names()
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(f'model.{k}' for k in unknown)}; "
+                        f"valid keys in model: {', '.join(valid)}")
+    hints = typing.get_type_hints(ModelConfig)
+    return {key: _coerce(value, hints.get(key, Any), f"model.{key}") for key, value in values.items()}
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a mapping", list: "a list", type(None): "null"}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Return `value` converted to the type `hint`, or raise a one-line UserError."""
+    converted = _try_coerce(value, hint)
+    if converted is _FAIL:
+        raise UserError(f"{where}={value!r} is invalid; allowed: {_describe(hint)}")
+    return converted
+
+
+_FAIL = object()
+
+
+def _try_coerce(value: Any, hint: Any) -> Any:
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None if type(None) in args else _FAIL
+        for arg in args:
+            if arg is type(None):
+                continue
+            converted = _try_coerce(value, arg)
+            if converted is not _FAIL:
+                return converted
+        return _FAIL
+    if origin is not None:
+        hint = origin  # list[int] -> list, dict[str, Any] -> dict
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return _FAIL
+    if hint is int:
+        if isinstance(value, bool):
+            return _FAIL
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return _FAIL
+            return int(number) if number.is_integer() else _FAIL
+        return _FAIL
+    if hint is float:
+        if isinstance(value, bool):
+            return _FAIL
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _FAIL
+        return _FAIL
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        return _FAIL
+    if hint in (list, tuple):
+        return list(value) if isinstance(value, (list, tuple)) else _FAIL
+    if hint is dict:
+        return dict(value) if isinstance(value, dict) else _FAIL
+    if isinstance(hint, type):
+        return value if isinstance(value, hint) else _FAIL
+    return value
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    return _TYPE_WORDS.get(origin or hint, str(hint))
+
+
+def _require(condition: bool, where: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise UserError(f"{where}={value!r} is invalid; allowed: {allowed}")
