@@ -9,7 +9,10 @@ import sys
 
 # Modules that add subcommands. Each defines register(subparsers) and sets a `func` default.
 COMMAND_MODULES = (
+    "resstream.duality",
     "resstream.bench",
+    "resstream.operators_table",
+    "resstream.train.commands",
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)

@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # at least fp32
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         out = x32.to(dtype)
         return out if self.weight is None else self.weight * out
@@ -35,12 +35,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
+        self.head_dim, self.theta = head_dim, theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions [T] or [B, T] -> cos, sin broadcastable to [B, H, T, D]."""
-        freqs = positions.float()[..., None] * self.inv_freq
+        """positions [T] or [B, T] -> cos, sin broadcastable to [B, H, T, D]. Angles are computed
+        in float32 (as HF Llama does), or in float64 for float64 models."""
+        if dtype == torch.float64:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=positions.device)
+            freqs = positions.double()[..., None] / (self.theta ** (exponent / self.head_dim))
+        else:
+            freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         if positions.dim() == 2:  # [B, T, D] -> [B, 1, T, D]

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from resstream.depth.base import DepthOperator
@@ -79,10 +80,17 @@ class DeltaGate(nn.Module):
         nn.init.constant_(self.out.bias, _logit(beta_init / 2))
 
     def forward(self, c: Tensor) -> Tensor:
-        c = c.float()
+        dtype = torch.float64 if c.dtype == torch.float64 else torch.float32  # never below fp32
+        c = c.to(dtype)
         with torch.autocast(device_type=c.device.type, enabled=False):
-            x = torch.tanh(self.hidden.float()(c)) if self.hidden is not None else c
-            return 2 * torch.sigmoid(self.out.float()(x)).squeeze(-1)
+            x = c if self.hidden is None else torch.tanh(_linear(self.hidden, c))
+            return 2 * torch.sigmoid(_linear(self.out, x)).squeeze(-1)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) computed in x's dtype (the layer's parameters are cast, not converted)."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
 class ChannelCompressor(nn.Module):

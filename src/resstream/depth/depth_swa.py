@@ -92,7 +92,7 @@ class DepthSWA(DepthOperator):
         n_modules = 1 if options.shared else len(self.reads)
         self.attention = nn.ModuleList(self._new_attention(config, options) for _ in range(n_modules))
         self.state_norm = RMSNorm(config.d_model, config.norm_eps) if options.norm_states else nn.Identity()
-        self.record: list[Tensor] | None = None  # set to [] to record z of every read (duality demo)
+        self.record: list | None = None  # set to [] to record (h, z) of every read (duality demo)
 
     def _reads_at(self, site) -> bool:
         block_site = site.first or self.options.granularity == "sublayer"
@@ -122,7 +122,14 @@ class DepthSWA(DepthOperator):
         return norm(state.h)
 
     def _inject(self, state: DepthState, site) -> Tensor:
-        attention = self._attention_for(site.index)
+        z = self.read_step(state, site.index)
+        update = self._attention_for(site.index).o_proj(z)
+        return state.h + update if self.options.mode == "add" else update
+
+    def read_step(self, state: DepthState, site_index: int = 0) -> Tensor:
+        """Append the current state h to the token's depth sequence and return the causal
+        window-K attention read z of the newest position, [B, T, H*D] (before W_O)."""
+        attention = self._attention_for(site_index)
         normed = self.state_norm(state.h)
         b, t, d = normed.shape
         state.normed.append(normed.reshape(b * t, 1, d))
@@ -140,9 +147,8 @@ class DepthSWA(DepthOperator):
             keys, values = [k], [v]
         z = depth_read(attention, normed, keys, values, self.window)
         if self.record is not None:
-            self.record.append(z)
-        update = attention.o_proj(z)
-        return state.h + update if self.options.mode == "add" else update
+            self.record.append((state.h, z))
+        return z
 
     def write(self, state, site, out, ctx):
         state.h = state.h + out

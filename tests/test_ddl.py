@@ -1,0 +1,150 @@
+"""Deep Delta Learning: the Delta-operator properties (spec depth-operators.md §9) and the model
+against a float64 reference written from the equations."""
+import math
+
+import pytest
+import torch
+from reference import head, norm_weight, rmsnorm, site_kinds, sublayer
+
+from resstream import ResStreamLM
+from resstream.depth.ddl import delta_update, unit_direction
+from resstream.errors import UserError
+from resstream.testing import perturb_parameters, tiny_config
+
+D = 8
+
+
+def random_delta_inputs(value_dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(D, value_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(D, generator=g, dtype=torch.float64)
+    k = k / k.norm()
+    v = torch.randn(value_dim, generator=g, dtype=torch.float64)
+    return X, k, v
+
+
+def delta_matrix(k, beta):
+    return torch.eye(D, dtype=torch.float64) - beta * torch.outer(k, k)
+
+
+def test_beta_zero_is_the_identity():
+    X, k, v = random_delta_inputs()
+    assert torch.equal(delta_update(X, k, torch.tensor(0.0, dtype=torch.float64), v), X)
+
+
+def test_beta_one_writes_v_along_k():
+    X, k, v = random_delta_inputs()
+    new = delta_update(X, k, torch.tensor(1.0, dtype=torch.float64), v)
+    torch.testing.assert_close(k @ new, v, rtol=1e-12, atol=1e-12)
+    # components orthogonal to k are untouched
+    P = torch.eye(D, dtype=torch.float64) - torch.outer(k, k)
+    torch.testing.assert_close(P @ new, P @ X)
+
+
+def test_beta_two_is_a_reflection_along_k():
+    X, k, v = random_delta_inputs()
+    A = delta_matrix(k, 2.0)
+    torch.testing.assert_close(A @ A, torch.eye(D, dtype=torch.float64))  # involution
+    torch.testing.assert_close(A @ k, -k)
+    new = delta_update(X, k, torch.tensor(2.0, dtype=torch.float64), v)
+    torch.testing.assert_close(new, A @ X + 2.0 * torch.outer(k, v))
+
+
+@pytest.mark.parametrize("beta", [0.3, 1.0, 1.7])
+def test_delta_operator_eigenvalues(beta):
+    X, k, v = random_delta_inputs()
+    zero_v = torch.zeros_like(v)
+    # the update with v = 0 is the linear map A X; recover A column by column
+    A = torch.stack([delta_update(torch.eye(D, dtype=torch.float64)[:, i:i + 1], k,
+                                  torch.tensor(beta, dtype=torch.float64), zero_v[:1])[:, 0]
+                     for i in range(D)], dim=1)
+    eig = torch.linalg.eigvalsh(A)
+    expected = torch.tensor(sorted([1.0] * (D - 1) + [1.0 - beta]), dtype=torch.float64)
+    torch.testing.assert_close(eig, expected)
+    # post-error along k is (1 - beta) times the pre-error
+    pre = v - k @ X
+    post = v - k @ delta_update(X, k, torch.tensor(beta, dtype=torch.float64), v)
+    torch.testing.assert_close(post, (1 - beta) * pre)
+
+
+def ddl_logits(model, ids):
+    """Compress -> Process -> Rewrite around every sublayer, float64, from the equations."""
+    config = model.config
+    opts = model.depth.options
+    dv = opts.value_dim
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    out = []
+    for row in ids:
+        emb = w["embed.weight"][row]
+        X = emb[..., None].repeat(1, 1, dv)  # [T, d, d_v]
+        index = 0
+        for layer in range(config.n_layers):
+            for kind in site_kinds(config):
+                x_in = (X * w[f"depth.compressors.{index}.weight"]).sum(-1) if dv > 1 else X[..., 0]
+                c = rmsnorm(x_in, norm_weight(w, layer, kind), config.norm_eps)
+                h = sublayer(kind, layer, c, w, config)
+                k = h / torch.sqrt((h * h).sum(-1, keepdim=True) + 1e-10)
+                g = f"depth.gates.{index}.out"
+                beta = 2 * torch.sigmoid(c @ w[f"{g}.weight"].T + w[f"{g}.bias"])  # [T, 1]
+                v = c @ w[f"depth.values.{index}.weight"].T + w[f"depth.values.{index}.bias"]
+                readout = torch.einsum("td,tdv->tv", k, X)
+                X = X + beta[..., None] * k[..., None] * (v - readout)[:, None, :]
+                index += 1
+        final = (X * w["depth.compressors.final.weight"]).sum(-1) if dv > 1 else X[..., 0]
+        out.append(head(final, w, config))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("value_dim", [1, 4])
+@pytest.mark.parametrize("mixer", [None, "shortswa"])
+def test_model_matches_float64_reference(value_dim, mixer):
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": value_dim},
+                                    local_mixer=mixer)).double()
+    perturb_parameters(model, scale=0.1)
+    ids = torch.randint(0, 64, (2, 7))
+    torch.testing.assert_close(model(ids), ddl_logits(model, ids), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("beta_init", [1.0, 0.5])
+def test_gate_starts_exactly_at_beta_init(beta_init):
+    """DDL does not start at the baseline: at step 0 beta == beta_init for every token, and with
+    beta_init = 1 each sublayer overwrites the state's component along k with v."""
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options={"beta_init": beta_init}))
+    for gate in model.depth.gates.values():
+        c = torch.randn(3, 5, 32)
+        torch.testing.assert_close(gate(c), torch.full((3, 5), beta_init))
+    ids = torch.randint(0, 64, (1, 6))
+    torch.testing.assert_close(model.double()(ids), ddl_logits(model, ids), rtol=1e-9, atol=1e-9)
+
+
+def test_learned_weights_matter():
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": 2})).double()
+    perturb_parameters(model, scale=0.1)
+    ids = torch.randint(0, 64, (1, 6))
+    base = model(ids)
+    for name, param in model.depth.named_parameters():
+        with torch.no_grad():
+            param.add_(0.5)
+            changed = model(ids)
+            param.sub_(0.5)
+        assert not torch.allclose(changed, base), name
+
+
+def test_code_variant_value_is_bounded_sigmoid_of_raw_state():
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options={"value": "code"})).double()
+    ids = torch.randint(0, 64, (1, 4))
+    # v in (0, 4): with beta = 1 at init, the readout of the final state along the last k lies in (0, 4)
+    assert model(ids).isfinite().all()
+
+
+def test_unit_direction():
+    h = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(unit_direction(h).norm(dim=-1), torch.ones(4, dtype=torch.float64))
+    assert unit_direction(torch.zeros(2, 16)).abs().max() == 0
+
+
+def test_invalid_options():
+    for options, field in [({"value_dim": 0}, "value_dim"), ({"beta_init": 3.0}, "beta_init"),
+                           ({"beta_gate": "huge"}, "beta_gate"), ({"value": "x"}, "value")]:
+        with pytest.raises(UserError, match=field):
+            tiny_config(depth="ddl", depth_options=options)
