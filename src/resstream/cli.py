@@ -11,8 +11,10 @@ import sys
 COMMAND_MODULES = (
     "resstream.duality",
     "resstream.bench",
+    "resstream.generation",
     "resstream.operators_table",
     "resstream.train.commands",
+    "resstream.demo",
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)

@@ -7,14 +7,17 @@ with the byte tokenizer every token is one byte, so bpb = mean loss / ln 2.
 Evaluation is always on the fixed validation tokens, in fixed non-overlapping windows, never on
 random batches: window i feeds tokens [i*T, (i+1)*T) and predicts tokens [i*T+1, (i+1)*T+1), so
 every target after the first token is predicted once, with the context of its own window only.
-Only whole windows are used: with n tokens, k = (n - 1) // T windows (fewer if `max_tokens`
-caps the budget, in which case the evaluated set is the fixed prefix of k*T targets).
+Only whole windows are used: with n tokens there are K = (n - 1) // T windows. A budget of
+`max_tokens` keeps k = max_tokens // T of them, spread evenly over the whole validation text
+(window indices floor(i * K / k), i = 0..k-1), so a quick evaluation still samples every held-out
+document; the choice depends only on n, T and the budget, never on a random draw.
 """
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -52,22 +55,23 @@ def eval_window_starts(n_tokens: int, seq_len: int, max_tokens: int | None = Non
     """Start offsets of the fixed, non-overlapping evaluation windows (see module docstring)."""
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} is invalid; allowed: an integer >= 1")
-    windows = max(0, (n_tokens - 1) // seq_len)
-    if max_tokens is not None:
-        windows = min(windows, max(0, int(max_tokens)) // seq_len)
-    return np.arange(windows, dtype=np.int64) * seq_len
+    total = max(0, (n_tokens - 1) // seq_len)
+    kept = total if max_tokens is None else min(total, max(0, int(max_tokens)) // seq_len)
+    indices = (np.arange(kept, dtype=np.int64) * total) // max(kept, 1)
+    return indices * seq_len
 
 
 @torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
                  max_tokens: int | None = None, token_bytes: np.ndarray | None = None,
                  device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
-                 ) -> EvalResult:
+                 on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Loss and bits per byte of `model` on `tokens` (a 1-D array of ids, e.g. a memmap).
 
     `token_bytes[i]` is the byte length of token i (all ones, the default, for the byte
     tokenizer). `autocast_dtype` (e.g. torch.bfloat16) runs the forward under autocast; the
-    loss itself is always summed in float32.
+    loss itself is always summed in float32. `on_batch(windows_done, windows_total)` is called
+    after every batch (for progress bars).
     """
     starts = eval_window_starts(len(tokens), seq_len, max_tokens)
     if starts.size == 0:
@@ -96,6 +100,8 @@ def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch
                 total_bytes += targets.numel()
             else:
                 total_bytes += int(byte_table[targets.cpu()].sum())
+            if on_batch is not None:
+                on_batch(min(first + batch_size, len(starts)), len(starts))
     finally:
         model.train(was_training)
     return EvalResult(loss=total_nats / total_tokens, bpb=bits_per_byte(total_nats, total_bytes),

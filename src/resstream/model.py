@@ -109,13 +109,17 @@ class Block(nn.Module):
             slots = config.local_mixer_cls.build(config, layer, config.mixer_opts)
         if "block" in slots:
             self.mix = slots["block"]
-        self.attn = Attention(config, rope, out_std)
+        # a local mixer may replace global attention (ShortSWA `replace_attention`: [mix, mlp])
+        has_attention = not getattr(config.mixer_opts, "replace_attention", False)
+        if has_attention:
+            self.attn = Attention(config, rope, out_std)
+            self.attn.input_mixer = slots.get("attn_input")
+            self.attn.qkv_mixer = slots.get("qkv")
         self.mlp = FeedForward(config, out_std)
-        self.attn.input_mixer = slots.get("attn_input")
-        self.attn.qkv_mixer = slots.get("qkv")
         self.mlp.input_mixer = slots.get("mlp_input")
         self.mlp.hidden_mixer = slots.get("mlp_hidden")
-        self.site_kinds = (("mix",) if "block" in slots else ()) + ("attn", "mlp")
+        self.site_kinds = ((("mix",) if "block" in slots else ()) + (("attn",) if has_attention else ())
+                           + ("mlp",))
         self.sites: list = []  # filled by the model: this block's Site objects, in order
 
     def sublayers(self) -> list[nn.Module]:
@@ -149,14 +153,18 @@ class ResStreamLM(nn.Module):
         for name, module in self.named_modules():
             if hasattr(module, "new_cache_entry"):
                 module.cache_key = name
+        # no global attention: decode state is bounded and RoPE is relative, so the model may run
+        # past max_seq_len ("slide"); models with global attention cannot (their KV cache grows)
+        self.can_slide = not any(isinstance(m, Attention) for m in self.modules())
 
     # ---------------------------------------------------------------- forward
     def context(self, n_tokens: int, cache: ModelCache | None, key_padding_mask: Tensor | None,
                 device) -> ForwardContext:
         offset = 0 if cache is None else cache.length
-        if offset + n_tokens > self.config.max_seq_len:
+        if offset + n_tokens > self.config.max_seq_len and not self.can_slide:
             raise UserError(f"sequence length {offset + n_tokens} exceeds max_seq_len="
-                            f"{self.config.max_seq_len}; allowed: at most max_seq_len tokens")
+                            f"{self.config.max_seq_len}; allowed: at most max_seq_len tokens "
+                            "(this model has global attention and cannot slide past it)")
         positions = torch.arange(offset, offset + n_tokens, device=device)
         return ForwardContext(positions, cache, key_padding_mask)
 
@@ -175,6 +183,9 @@ class ResStreamLM(nn.Module):
             raise UserError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise UserError("input_ids has 0 tokens; allowed: at least 1")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise UserError(f"input_ids has batch {input_ids.shape[0]} but the cache was made for "
+                            f"batch_size={cache.batch_size}; allowed: the cache's batch size")
         ctx = self.context(input_ids.shape[1], cache, key_padding_mask, input_ids.device)
         hidden = self.hidden_states(input_ids, ctx)
         logits = self.lm_head(self.norm(hidden))
@@ -187,7 +198,7 @@ class ResStreamLM(nn.Module):
                   dtype=None) -> ModelCache:
         """A fresh decode cache for `batch_size` sequences of up to `max_len` tokens."""
         max_len = self.config.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= self.config.max_seq_len:
+        if not (1 <= max_len <= self.config.max_seq_len or (self.can_slide and max_len >= 1)):
             raise UserError(f"max_len={max_len} is invalid; allowed: 1..{self.config.max_seq_len}")
         param = self.embed.weight
         device = param.device if device is None else device
@@ -195,6 +206,13 @@ class ResStreamLM(nn.Module):
         entries = {name: module.new_cache_entry(batch_size, max_len, device, dtype)
                    for name, module in self.named_modules() if hasattr(module, "new_cache_entry")}
         return ModelCache(entries, batch_size, max_len)
+
+    def generate(self, input_ids, max_new_tokens: int, *args, **kwargs):
+        """generate(input_ids, max_new_tokens, temperature, top_k, top_p, seed, *, stop, ...):
+        sample continuations with the decode cache; see `resstream.generation.generate`."""
+        from resstream.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, *args, **kwargs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -30,6 +30,22 @@ Defaults follow the paper's text (spec decision 4); the released code's choices 
   default (the model then starts in the exact-overwrite regime along k, NOT at the standard
   residual). The code's module fallback (0.0, clamped to logit(1e-6)) is `beta_init=0`.
 - k is the normalised sublayer output (App. A.1: no separate k-generator in the reported runs).
+
+Token mixing (the only depth-operator parts that mix tokens, so the only ones with a decode
+cache; k = `token_kernel` = 4 taps, causal, zero before the first token):
+- `compressor="tc"` (TC): a depthwise causal conv over tokens on the flattened d*d_v channels,
+  then the read vector r in R^{d_v} across d_v:
+      x_in[t, i] = sum_j r_j sum_{m<k} w_m[i, j] X_{t-m}[i, j]
+  one per site and one for the final readout, like CC (the released code shares one per block
+  between its two sites). Init (`compressor_init="mean"`): w_0 = 1, other taps 0, r = 1/d_v, so
+  TC starts equal to the default CC compressor; `"code"`: every tap 1/k (the released code's
+  average over the last k tokens), r = 1/d_v. TC also works with d_v = 1 (the code's vdim1-TC).
+  Decode state: the last k-1 states X of each site, (k-1) d d_v values per site.
+- `expander="ec"` (EC): X_0[t, i, j] = sum_{m<k} e_m[i, j] x_emb[t-m, i], a depthwise causal conv
+  with channel multiplier d_v, identity-initialised (e_0 = 1, other taps 0: the current token
+  copied into every channel, i.e. the plain repetition). Decode state: the last k-1
+  embeddings, (k-1) d values (one per model).
+Both zero the inputs at left-padded positions (key_padding_mask), as the ShortConv mixer does.
 """
 from __future__ import annotations
 
@@ -42,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from resstream.depth.base import DepthOperator
+from resstream.mixers.shortconv import CausalDepthwiseConv
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
@@ -107,6 +124,46 @@ class ChannelCompressor(nn.Module):
         return (X * self.weight).sum(-1)
 
 
+class TokenConvCompressor(nn.Module):
+    """TC: a causal conv over tokens on the d*d_v channels of X, then the read vector over d_v."""
+
+    def __init__(self, d_model: int, value_dim: int, kernel: int, init: str):
+        super().__init__()
+        self.value_dim = value_dim
+        self.conv = CausalDepthwiseConv(d_model * value_dim, kernel, bias=False, activation="none",
+                                        init="identity")
+        if init == "code":
+            with torch.no_grad():
+                self.conv.weight.fill_(1.0 / kernel)
+        self.read = nn.Parameter(torch.full((value_dim,), 1.0 / value_dim))
+
+    def forward(self, X: Tensor, ctx=None) -> Tensor:
+        b, t = X.shape[:2]
+        mixed = self.conv(X.reshape(b, t, -1), ctx)  # channel i * d_v + j holds X[i, j]
+        return (mixed.view(b, t, -1, self.value_dim) * self.read).sum(-1)
+
+
+class ConvExpander(nn.Module):
+    """EC: X_0[t, i, j] = sum_{m<k} e_m[i, j] x_emb[t-m, i], identity-initialised."""
+
+    def __init__(self, d_model: int, value_dim: int, kernel: int):
+        super().__init__()
+        self.value_dim = value_dim
+        self.conv = CausalDepthwiseConv(d_model, kernel, bias=False, activation="none",
+                                        init="identity", multiplier=value_dim)
+
+    def forward(self, x0: Tensor, ctx=None) -> Tensor:
+        b, t, d = x0.shape
+        X0 = self.conv(x0, ctx).view(b, t, d, self.value_dim)
+        return X0 if self.value_dim > 1 else X0[..., 0]
+
+
+def make_compressor(options, d_model: int) -> nn.Module:
+    if options.compressor == "tc":
+        return TokenConvCompressor(d_model, options.value_dim, options.token_kernel, options.compressor_init)
+    return ChannelCompressor(d_model, options.value_dim, options.compressor_init)
+
+
 @dataclass
 class DDLState:
     X: Tensor  # [B, T, d] (d_v = 1) or [B, T, d, d_v]
@@ -128,9 +185,10 @@ class DeepDeltaLearning(DepthOperator):
         beta_init: float = 1.0
         beta_gate: str = "linear"  # "linear" | "mlp"
         value: str = "paper"  # "paper" (v = W_v c) | "code" (v = 4 sigmoid(W_v x_in + b_v))
-        compressor: str = "cc"  # "cc" (channel mixing); used when value_dim > 1
+        compressor: str = "cc"  # "cc" (channel mixing; used when value_dim > 1) | "tc" (token conv)
         compressor_init: str = "mean"  # "mean" (1/d_v) | "code" (1/d_v + N(0, 0.5/sqrt(d)))
-        expander: str = "none"  # "none" (repeat the embedding into every channel)
+        expander: str = "none"  # "none" (repeat the embedding into every channel) | "ec" (conv)
+        token_kernel: int = 4  # taps of the TC and EC convs over tokens
 
     @classmethod
     def validate_config(cls, config, options) -> None:
@@ -144,14 +202,16 @@ class DeepDeltaLearning(DepthOperator):
                 options.compressor_init, "mean, code")
         require(options.expander in cls.expander_choices(), "depth_options.expander", options.expander,
                 ", ".join(cls.expander_choices()))
+        require(isinstance(options.token_kernel, int) and 1 <= options.token_kernel <= 64,
+                "depth_options.token_kernel", options.token_kernel, "an integer in 1..64")
 
     @classmethod
     def compressor_choices(cls) -> tuple[str, ...]:
-        return ("cc",)
+        return ("cc", "tc")
 
     @classmethod
     def expander_choices(cls) -> tuple[str, ...]:
-        return ("none",)
+        return ("none", "ec")
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)
@@ -168,21 +228,28 @@ class DeepDeltaLearning(DepthOperator):
             nn.init.normal_(value.weight, std=config.init_std)
             nn.init.zeros_(value.bias)
             self.values[key] = value
-        if dv > 1:
+        if dv > 1 or options.compressor == "tc":
             for index in [s.index for s in sites] + ["final"]:
-                self.compressors[str(index)] = ChannelCompressor(d, dv, options.compressor_init)
+                self.compressors[str(index)] = make_compressor(options, d)
+        self.expander = ConvExpander(d, dv, options.token_kernel) if options.expander == "ec" else None
+        self.cross_token_state = options.compressor == "tc" or options.expander == "ec"
 
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
+        if self.expander is not None:
+            return DDLState(self.expander(x0, ctx))
         if self.value_dim == 1:
             return DDLState(x0)
         return DDLState(x0[..., None].expand(*x0.shape, self.value_dim).contiguous())
 
-    def compress(self, X: Tensor, key: str) -> Tensor:
-        return X if self.value_dim == 1 else self.compressors[key](X)
+    def compress(self, X: Tensor, key: str, ctx=None) -> Tensor:
+        if key not in self.compressors:  # d_v = 1 without TC: the state is the read
+            return X
+        compressor = self.compressors[key]
+        return compressor(X, ctx) if isinstance(compressor, TokenConvCompressor) else compressor(X)
 
     def read(self, state, site, norm, ctx):
-        state.x_in = self.compress(state.X, str(site.index))
+        state.x_in = self.compress(state.X, str(site.index), ctx)
         state.c = norm(state.x_in)
         return state.c
 
@@ -203,7 +270,7 @@ class DeepDeltaLearning(DepthOperator):
         return state
 
     def finalize(self, state, ctx):
-        return self.compress(state.X, "final")
+        return self.compress(state.X, "final", ctx)
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:

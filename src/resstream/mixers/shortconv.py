@@ -61,15 +61,21 @@ class CausalDepthwiseConv(nn.Module):
     """y_t = phi(sum_{i<k} w_i ⊙ x_{t-i} + b) [+ x_t if residual], per channel, over tokens.
 
     `streams` separate decode histories are kept (3 for the attention-input slot, whose q, k, v
-    views may differ when a depth operator gives attention separate inputs)."""
+    views may differ when a depth operator gives attention separate inputs). `multiplier` M > 1
+    gives every input channel c its own M output channels c*M .. c*M + M-1 (a depthwise conv
+    with channel multiplier, as DDL's EC expander needs); the history still holds the inputs."""
 
     def __init__(self, channels: int, kernel: int = 4, bias: bool = False, activation: str = "silu",
-                 residual: bool = False, streams: int = 1, init: str = "uniform", init_std: float = 0.02):
+                 residual: bool = False, streams: int = 1, init: str = "uniform", init_std: float = 0.02,
+                 multiplier: int = 1):
         super().__init__()
+        if residual and multiplier != 1:
+            raise ValueError("a residual conv needs multiplier=1 (output width = input width)")
         self.channels, self.kernel, self.streams = channels, kernel, streams
-        self.activation, self.residual = activation, residual
-        self.weight = nn.Parameter(torch.empty(kernel, channels))  # weight[i] multiplies x_{t-i}
-        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.activation, self.residual, self.multiplier = activation, residual, multiplier
+        out_channels = channels * multiplier
+        self.weight = nn.Parameter(torch.empty(kernel, out_channels))  # weight[i] multiplies x_{t-i}
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.reset_parameters(init, init_std)
 
     def reset_parameters(self, init: str, init_std: float) -> None:
@@ -90,7 +96,7 @@ class CausalDepthwiseConv(nn.Module):
                 raise ValueError(f"init={init!r} is invalid; allowed: {', '.join(CONV_INITS)}")
 
     def _conv_weight(self) -> Tensor:
-        """[C, 1, k] in F.conv1d's layout: cross-correlation, so the oldest tap comes first."""
+        """[C*M, 1, k] in F.conv1d's layout: cross-correlation, so the oldest tap comes first."""
         return self.weight.flip(0).t().unsqueeze(1)
 
     def _masked(self, x: Tensor, ctx) -> Tensor:
@@ -101,7 +107,7 @@ class CausalDepthwiseConv(nn.Module):
         return x * mask[:, offset:offset + x.shape[1], None].to(x.dtype)
 
     def forward(self, x: Tensor, ctx=None, stream: int = 0) -> Tensor:
-        """x [B, T, C] -> [B, T, C]; with a cache, continues from the stored history."""
+        """x [B, T, C] -> [B, T, C*M]; with a cache, continues from the stored history."""
         inputs = self._masked(x, ctx)
         entry = None if ctx is None else ctx.entry(self)
         keep = self.kernel - 1
@@ -121,8 +127,10 @@ class CausalDepthwiseConv(nn.Module):
         return ConvHistory(self.streams, batch_size, self.kernel, self.channels, device, dtype)
 
     def extra_repr(self) -> str:
+        multiplier = f", multiplier={self.multiplier}" if self.multiplier != 1 else ""
         return (f"channels={self.channels}, kernel={self.kernel}, activation={self.activation}, "
-                f"residual={self.residual}, bias={self.bias is not None}, streams={self.streams}")
+                f"residual={self.residual}, bias={self.bias is not None}, streams={self.streams}"
+                f"{multiplier}")
 
 
 def qkv_width(config) -> int:

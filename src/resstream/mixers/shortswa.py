@@ -11,6 +11,8 @@ W_Q, W_K, W_V, W_O, the model's head count by default, RoPE on by default, and t
 M_tj = 0 iff 0 <= t - j < w (w keys including the current token; spec decision 1-2).
 The attention itself is `resstream.ops.local_attention`, the same operator the depth-wise read
 (`depth_swa`) applies along depth. Decode state: a rolling buffer of the last w keys/values.
+Option `replace_attention` drops global attention from every block ([ShortSWA, MLP]): a
+ShortSWA-only stack whose decode state is constant in context length (docs/inference.md).
 """
 from __future__ import annotations
 
@@ -111,6 +113,9 @@ class ShortSWA(LocalMixer):
         rope: bool = True  # RoPE on the local attention (off = NoPE)
         heads: int | None = None  # None: the model's n_heads
         kv_heads: int | None = None  # None: same as heads (grouped KV heads otherwise)
+        # True: the block is [ShortSWA, MLP] with no global attention (a "ShortSWA-only stack"):
+        # decode state is bounded (w positions per layer) and the model may run past max_seq_len
+        replace_attention: bool = False
 
     @classmethod
     def validate_config(cls, config, options) -> None:

@@ -238,8 +238,8 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     """Set values['a']['b'] = value for key 'a.b', rejecting unknown keys."""
     parts = key.split(".")
     if parts[0] not in TOP_LEVEL_KEYS:
-        raise UserError(f"unknown config key {key!r}; valid sections: "
-                        f"{', '.join(TOP_LEVEL_KEYS)}")
+        raise UserError(f"unknown config key {key!r}; valid keys: preset, name, model.KEY, "
+                        "data.KEY, optim.KEY, train.KEY")
     if len(parts) == 1:
         values[key] = value
         return

@@ -1,0 +1,387 @@
+"""Attention Residuals, Full and Block (Kimi Team, "Attention Residuals", arXiv 2603.15031).
+
+Sublayers are indexed l = 1..S (every attention, MLP and mixer sub-block is its own "layer" in
+Kimi's counting). Sources are deltas: v_0 = token embedding, v_i = output of sublayer i.
+
+Full AttnRes -- the input of sublayer l replaces the residual by softmax attention over depth:
+
+    alpha_{i->l} = softmax_i( w_l^T RMSNorm_l(v_i) ),   i = 0 .. l-1
+    h_l          = sum_i alpha_{i->l} v_i
+    v_l          = f_l(Norm(h_l))                         (the sublayer's own pre-norm)
+
+w_l in R^d is a learned pseudo-query that does not depend on the input; RMSNorm_l (learned
+weight, one per sublayer) normalises the keys only, the values are the raw sources.
+
+Block AttnRes -- sublayers are grouped into blocks of `block_size` sublayers. b_0 = embedding,
+b_n = sum of the deltas of block n, b_n^i = running partial sum inside the current block. The i-th
+sublayer of block n attends over [b_0 .. b_{n-1}] (first sublayer of a block) or
+[b_0 .. b_{n-1}, b_n^{i-1}] (others), with the same softmax(w_l^T RMSNorm_l(.)) weighting.
+We follow the official pseudocode's order: the read is computed over (completed blocks +
+partial), and only then, if the global 0-based sublayer index s satisfies s % block_size == 0,
+the partial is appended as a completed block and a new partial starts with this sublayer's
+output. With the partial initialised to the embedding, s = 0 turns the embedding into b_0
+("blocks already include token embedding"), and the first sublayer of every block reads the block
+that has just been completed. (The code appends first and then reads over the blocks: the same
+set of values. tests/test_attnres.py checks it against the pseudocode's order, literally.) `block_size` counts sublayers (attention + MLP
+= 2 per layer, 3 with a ShortSWA mixer); block_size = 1 is exactly Full AttnRes, which is how
+`attnres` is implemented. Default block_size = 4 sublayers (the paper's S-sweep: S = 2, 4, 8 give
+the same loss; 4 is its 16-layer ablation setting; the 48B model uses 6).
+
+Final read: one more aggregation with its own pseudo-query and key norm over every source
+(completed blocks + partial) before the model's final norm and LM head (Megatron-LM PR #6840
+and the Delta-AttnRes code do this; the README pseudocode stops at the last layer).
+
+The first sublayer reads a single source (the embedding, weight 1), so it has no parameters.
+
+Init: every pseudo-query is zero, every key-norm weight one (paper section 5), so all weights
+are uniform: h_l = (1/m) * (standard pre-norm residual) over m sources, and the sublayer's RMSNorm
+removes the 1/m factor -- the model starts at the standard residual UP TO THE NORM'S EPS:
+RMSNorm(x/m) acts like RMSNorm(x) with eps * m^2. With init_std = 0.02 embeddings (mean square
+4e-4) and norm_eps = 1e-5 that is not small for late reads (m up to 2L+1). Measured at init,
+12 layers, d = 256, against `standard` on shared weights: max |logit difference| 1.2 (Full;
+loss 4.38 vs 3.74) and 0.11 (Block, S = 4) at norm_eps = 1e-5, but <= 2e-5 at norm_eps = 1e-10.
+So AttnRes starts at the baseline only for small norm_eps (tests use 1e-10); with the default eps
+Full AttnRes starts visibly away from it. The same holds for the final read.
+
+depth_layers: an inactive block's sublayers read the running plain sum of every source (exactly
+the standard residual stream) and still write their outputs as sources; the final read is active
+iff the last block is active. With no active block the model is exactly the standard model.
+
+Implementation (reads are memory-bound, so the point is few passes over [B, T, d] tensors):
+- The logit of source i for query l is (w_l * g_l)^T v_i * rsqrt(mean(v_i^2) + eps): the RMS
+  factor does not depend on the query and the key norm's weight folds into the query, so every
+  source's logits for ALL queries of the model are one GEMM when the source is appended.
+- Kimi's two-phase schedule: reads run in phases of whole blocks (>= 4 reads). At a phase start
+  the sources so far are stacked into groups [B, T, c, d] (each source is copied about once) and
+  the softmax mix and logsumexp over them are computed for all the phase's queries at once
+  (batched matmul). Each read then merges that mix with the sources added during the phase and
+  the running partial sum by an exact online-softmax merge.
+- Hand-written backward passes (NormalizedScores, SoftmaxMerge) avoid autograd's per-term
+  temporaries. No Python loop over tokens, no per-read copy of the source stack.
+Logits, softmax and mixes run in float32 (float64 for a float64 model) with autocast off; the
+sources are stored in the stream's dtype (the embedding's, as in `standard`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from resstream.depth.base import DepthOperator
+from resstream.options import require
+from resstream.registry import register_depth_operator
+
+CHUNK = 4  # sources per stacked group, and the minimum number of reads per phase
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Depth reads run in float32 (float64 for a float64 model)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NormalizedScores(torch.autograd.Function):
+    """scores[..., n] = queries[n] . v * rsqrt(mean(v^2) + eps): the logits w^T RMSNorm(v) of one
+    source v [..., d] for every query [n, d] at once (the norm weight is folded into the query).
+    Hand-written backward: one GEMM and one fused update instead of autograd's temporaries."""
+
+    @staticmethod
+    def forward(ctx, v, queries, eps):
+        flat = v.to(queries.dtype).reshape(-1, v.shape[-1])
+        dots = flat @ queries.t()  # [N, n]
+        mean_square = torch.linalg.vector_norm(flat, dim=-1).square() / flat.shape[-1]
+        inv_rms = torch.rsqrt(mean_square + eps)
+        ctx.save_for_backward(v, queries, dots, inv_rms)
+        return (dots * inv_rms[:, None]).view(v.shape[:-1] + (-1,))
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, queries, dots, inv_rms = ctx.saved_tensors
+        d = v.shape[-1]
+        flat = v.to(queries.dtype).reshape(-1, d)
+        grad = grad.reshape(dots.shape)
+        grad_dots = grad * inv_rms[:, None]
+        # d inv_rms / d v = -inv_rms^3 v / d
+        grad_sq = -(grad * dots).sum(-1) * inv_rms.pow(3) / d
+        grad_v = grad_dots @ queries
+        grad_v.addcmul_(flat, grad_sq[:, None])
+        grad_queries = grad_dots.t() @ flat
+        return grad_v.view(v.shape).to(v.dtype), grad_queries, None
+
+
+class SoftmaxMerge(torch.autograd.Function):
+    """Phase 2 of a read. With logits z_k of K extra sources v_k (given for the `recent` sources;
+    for the running `partial` sum computed here as query . v * rsqrt(mean(v^2) + eps)) and
+    p = softmax([lse, z_1, ..., z_K]):  h = p_0 * mix + sum_k p_k v_k  -- exactly the softmax over
+    the settled sources (summarised by their normalised mix and logsumexp) and the extras.
+    Reads are memory-bound: this writes h once in the forward and each gradient once in the
+    backward, where autograd would keep a temporary and two products per term."""
+
+    @staticmethod
+    def forward(ctx, mix, lse, query, eps, partial, n_recent, *recent):
+        values, logits = list(recent[:n_recent]), list(recent[n_recent:])
+        dtype, d = mix.dtype, mix.shape[-1]
+        dot = inv_rms = None
+        if partial is not None:
+            flat = partial.to(dtype).reshape(-1, d)
+            dot = torch.mv(flat, query).view(lse.shape)
+            inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1).square() / d + eps)
+            values.append(partial)
+            logits.append(dot * inv_rms.view(lse.shape))
+        probs = torch.softmax(torch.stack([lse, *logits], -1), dim=-1)
+        weights = [p.unsqueeze(-1).contiguous() for p in probs.unbind(-1)]
+        out = mix * weights[0]
+        for v, w in zip(values, weights[1:]):
+            out.addcmul_(v.to(dtype), w)
+        ctx.has_partial = partial is not None
+        ctx.save_for_backward(mix, query, probs, dot, inv_rms, *values)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        mix, query, probs, dot, inv_rms, *values = ctx.saved_tensors
+        dtype, d = mix.dtype, mix.shape[-1]
+        grad = grad.contiguous()
+        grad_probs = torch.stack([(grad * v.to(dtype)).sum(-1) for v in [mix, *values]], -1)
+        grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        weights = [p.unsqueeze(-1).contiguous() for p in probs.unbind(-1)]
+        grad_values = [grad * w for w in weights[1:]]
+        grad_query = grad_partial = None
+        if ctx.has_partial:
+            partial, grad_partial = values[-1].to(dtype), grad_values.pop()
+            grad_z = grad_logits[..., -1]
+            grad_dot = (grad_z * inv_rms.view(grad_z.shape)).unsqueeze(-1)
+            # d inv_rms / d v = -inv_rms^3 v / d
+            grad_sq = (-grad_z * dot * inv_rms.view(grad_z.shape).pow(3) / d).unsqueeze(-1)
+            grad_partial.addcmul_(partial, grad_sq)
+            grad_partial.addcmul_(grad_dot, query)
+            grad_query = torch.mv(partial.reshape(-1, d).t(), grad_dot.reshape(-1))
+            grad_partial = grad_partial.to(values[-1].dtype)
+            grad_logits = grad_logits[..., :-1]
+        n_recent = len(grad_values)
+        grad_values = [g.to(v.dtype) for g, v in zip(grad_values, values)]
+        return (grad * weights[0], grad_logits[..., 0], grad_query, None, grad_partial, None,
+                *grad_values, *grad_logits[..., 1:1 + n_recent].unbind(-1))
+
+
+@dataclass
+class DepthSources:
+    """Depth sources of one forward pass. Each source carries its logits for every query of the
+    model (computed once, when it is appended). Sources are `settled` into stacked groups
+    (values [B, T, c, d], logits [B, T, c, n_queries]) when a phase starts; the ones appended
+    since then are `recent`."""
+
+    dtype: torch.dtype  # the stream's dtype (the embedding's), in which sources are stored
+    device_type: str
+    queries: Tensor | None  # [n_queries, d] folded pseudo-queries w * g (compute dtype)
+    settled: list = field(default_factory=list)  # [(values [B,T,c,d], logits [B,T,c,n_q])]
+    recent: list = field(default_factory=list)  # [(value [B,T,d], logits [B,T,n_q])]
+    phase_columns: range = range(0)  # query columns of the current phase
+    phase_mix: tuple = ()  # per phase query: [B, T, d] softmax mix over the settled sources
+    phase_lse: tuple = ()  # per phase query: [B, T] logsumexp of their logits
+
+
+@dataclass
+class AttnResState:
+    sources: DepthSources
+    embedding: Tensor
+    partial: Tensor | None  # running sum of the current block (None right after a boundary)
+    total: Tensor | None  # plain sum of every sublayer output and the embedding (if kept)
+
+
+def settle(sources: DepthSources) -> None:
+    """Move the recent sources into stacked groups (each source is copied about once)."""
+    if not sources.recent:
+        return
+    values = torch.stack([v for v, _ in sources.recent], dim=-2)
+    logits = torch.stack([z for _, z in sources.recent], dim=-2)
+    sources.recent = []
+    if sources.settled and sources.settled[-1][0].shape[-2] + values.shape[-2] <= CHUNK:
+        last_values, last_logits = sources.settled.pop()
+        values = torch.cat([last_values, values], dim=-2)
+        logits = torch.cat([last_logits, logits], dim=-2)
+    sources.settled.append((values, logits))
+
+
+def phase_statistics(sources: DepthSources, columns: range) -> tuple[Tensor, Tensor]:
+    """Phase 1, batched over the queries of a phase: the softmax mix [B, T, n, d] over all
+    settled sources and the logsumexp [B, T, n] of their logits, for query columns `columns`."""
+    logits = torch.cat([z[..., columns.start:columns.stop] for _, z in sources.settled], dim=-2)
+    lse = torch.logsumexp(logits, dim=-2)  # [B, T, n]
+    weights = torch.exp(logits - lse.unsqueeze(-2)).transpose(-1, -2)  # [B, T, n, m]
+    sizes = [v.shape[-2] for v, _ in sources.settled]
+    mix = None
+    for (v, _), w in zip(sources.settled, weights.split(sizes, dim=-1)):
+        w, v = w.reshape(-1, *w.shape[-2:]), v.to(w.dtype).reshape(-1, *v.shape[-2:])
+        # batched over tokens: [n, c] @ [c, d], accumulated by the fused baddbmm
+        mix = torch.bmm(w, v) if mix is None else torch.baddbmm(mix, w, v)
+    return mix.view(*lse.shape, -1), lse
+
+
+class PseudoQueryReads(DepthOperator):
+    """What AttnRes-style operators share: one pseudo-query w and key-RMSNorm weight g per
+    active read that sees more than one source (sublayer reads of active blocks, plus "final"),
+    the block bookkeeping (running partial sum, a boundary before every sublayer whose index is
+    a multiple of `block_size`), and the two-phase softmax read over the depth sources.
+    Subclasses say what a read returns (Block AttnRes: the mixture; Delta-AttnRes: x + mixture)."""
+
+    mixing = "dynamic"  # input-dependent weights from a static pseudo-query
+    partial_is_source = True  # Block AttnRes reads the running partial; Delta-AttnRes does not
+
+    def __init__(self, config, sites, options, block_size: int, query_std: float = 0.0):
+        super().__init__(config, sites, options)
+        self.block_size = block_size
+        # reads are scheduled in phases of whole blocks, at least CHUNK reads long
+        self.phase_length = block_size * -(-CHUNK // block_size)
+        self.eps = config.norm_eps
+        self.final_active = self.is_active(config.n_layers - 1)
+        # a read that sees a single source (the embedding, weight 1) has no query parameters
+        reads = [(s.index, str(s.index)) for s in sites
+                 if self.is_active(s.layer) and self._sees_several_sources(s.index)]
+        reads += [(len(sites), "final")] if self.final_active else []
+        inactive_sites = sum(1 for s in sites if not self.is_active(s.layer))
+        self.n_inactive = inactive_sites + (not self.final_active)
+        d = config.d_model
+        # pseudo-query w_l and key-RMSNorm weight g_l (one init) per active read
+        self.query = nn.ParameterDict({k: nn.Parameter(torch.randn(d) * query_std if query_std
+                                                       else torch.zeros(d)) for _, k in reads})
+        self.key_norm = nn.ParameterDict({k: nn.Parameter(torch.ones(d)) for _, k in reads})
+        self.column = {key: column for column, (_, key) in enumerate(reads)}
+        self.phase_columns: dict[int, range] = {}
+        for column, (index, _) in enumerate(reads):
+            phase = index // self.phase_length
+            start = self.phase_columns.get(phase, range(column, column)).start
+            self.phase_columns[phase] = range(start, column + 1)
+
+    def _sees_several_sources(self, index: int) -> bool:
+        """Whether the read before sublayer `index` has more than the embedding to attend to:
+        the partial sum (when it is a source) from index 1 on, else the first completed block."""
+        return index >= (1 if self.partial_is_source else self.block_size)
+
+    # ---------------------------------------------------------------- depth sources
+    def _new_state(self, x0: Tensor, keep_total: bool) -> AttnResState:
+        queries = None
+        if self.column:  # (w * g)^T x_hat = w^T RMSNorm_g(x)
+            weights = torch.stack([self.query[k] * self.key_norm[k] for k in self.column])
+            queries = weights.to(compute_dtype(x0.dtype))
+        sources = DepthSources(x0.dtype, x0.device.type, queries)
+        return AttnResState(sources, x0, x0, x0 if keep_total else None)
+
+    def _append(self, sources: DepthSources, v: Tensor) -> None:
+        if sources.queries is not None:
+            with torch.autocast(sources.device_type, enabled=False):
+                sources.recent.append((v, NormalizedScores.apply(v, sources.queries, self.eps)))
+
+    def _next_site(self, state: AttnResState, index: int) -> None:
+        """Bookkeeping before the read at global sublayer `index` (len(sites) = the final read)."""
+        if index < len(self.sites) and index % self.block_size == 0:
+            # Block boundary: the partial sum is complete. The official pseudocode reads over
+            # (blocks + partial) and then appends the partial; appending first and reading over
+            # the blocks is the same set of values. At index 0 the partial is the embedding.
+            self._append(state.sources, state.partial)
+            state.partial = None
+        if index % self.phase_length == 0:
+            self._start_phase(state.sources, index // self.phase_length)
+
+    def _start_phase(self, sources: DepthSources, phase: int) -> None:
+        settle(sources)
+        sources.phase_columns = self.phase_columns.get(phase, range(0))
+        if len(sources.phase_columns):
+            with torch.autocast(sources.device_type, enabled=False):
+                mix, lse = phase_statistics(sources, sources.phase_columns)
+            sources.phase_mix, sources.phase_lse = mix.unbind(-2), lse.unbind(-1)
+
+    def _attend(self, state: AttnResState, key: str) -> Tensor:
+        """softmax_i(w^T RMSNorm(v_i)) v_i over the sources (and the partial sum when
+        `partial_is_source`), in the stream's dtype."""
+        sources = state.sources
+        partial = state.partial if self.partial_is_source else None
+        column = self.column[key]
+        slot = column - sources.phase_columns.start
+        mix, lse = sources.phase_mix[slot], sources.phase_lse[slot]
+        if partial is None and not sources.recent:
+            return mix.to(sources.dtype)
+        values = [v for v, _ in sources.recent]
+        logits = [z[..., column] for _, z in sources.recent]
+        with torch.autocast(sources.device_type, enabled=False):
+            h = SoftmaxMerge.apply(mix, lse, sources.queries[column], self.eps, partial,
+                                   len(values), *values, *logits)
+        return h.to(sources.dtype)
+
+    def _key(self, site) -> str | None:
+        """The read's query key; None for an inactive read (and the first, parameter-free one)."""
+        return str(site.index) if str(site.index) in self.column else None
+
+    def write(self, state, site, out, ctx):
+        out = out.to(state.sources.dtype)
+        state.partial = out if state.partial is None else state.partial + out
+        if state.total is not None:
+            state.total = state.total + out
+        return state
+
+    # ---------------------------------------------------------------- accounting
+    def _sources_after(self, n_sites: int) -> int:
+        """Completed blocks (embedding included) plus the partial after n_sites sublayers."""
+        return (n_sites - 1) // self.block_size + 2
+
+
+class BlockAttnResBase(PseudoQueryReads):
+    """Block AttnRes with `self.block_size` sublayers per block (1 = Full AttnRes)."""
+
+    paper = "Kimi Team, Attention Residuals (arXiv 2603.15031)"
+    starts_at_baseline = True  # zero pseudo-queries; exact up to the norms' eps (see docstring)
+
+    def init_state(self, x0, ctx):
+        return self._new_state(x0, keep_total=self.n_inactive > 0)
+
+    def _read(self, state: AttnResState, index: int, key: str | None) -> Tensor:
+        self._next_site(state, index)
+        if index == 0:
+            return state.embedding  # the only source
+        return state.total if key is None else self._attend(state, key)
+
+    def read(self, state, site, norm, ctx):
+        return norm(self._read(state, site.index, self._key(site)))
+
+    def finalize(self, state, ctx):
+        return self._read(state, len(self.sites), "final" if self.final_active else None)
+
+    def depth_state_vectors(self) -> int:
+        return self._sources_after(len(self.sites))
+
+    def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        n_sites = sum(1 for s in self.sites if s.layer <= layer)
+        if self.block_size == 1:
+            return "embedding + every sublayer output so far (s+1)", self._sources_after(n_sites)
+        return ("embedding + completed blocks + partial (floor((s-1)/S)+2)",
+                self._sources_after(n_sites))
+
+
+@register_depth_operator("attnres")
+class FullAttnRes(BlockAttnResBase):
+    aggregates = ("softmax(w_l . RMSNorm(v_i)) over the embedding and every earlier sublayer "
+                  "output, replacing the residual")
+    granularity = "sublayer"
+
+    def __init__(self, config, sites, options):
+        super().__init__(config, sites, options, block_size=1)
+
+
+@register_depth_operator("block_attnres")
+class BlockAttnRes(BlockAttnResBase):
+    aggregates = ("softmax(w_l . RMSNorm(b_n)) over the embedding, completed block sums and the "
+                  "running partial block sum, replacing the residual")
+    granularity = "block"
+
+    @dataclass
+    class Options:
+        block_size: int = 4  # sublayers per block (attention + MLP = 2 per layer)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        require(options.block_size >= 1, "depth_options.block_size", options.block_size,
+                "an integer >= 1 (sublayers per block; 1 = Full AttnRes)")
+
+    def __init__(self, config, sites, options):
+        super().__init__(config, sites, options, block_size=options.block_size)

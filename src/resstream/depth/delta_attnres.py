@@ -1,0 +1,149 @@
+"""Delta Attention Residuals (Luo, Cai, Hu, "Delta Attention Residuals", arXiv 2605.18855;
+code: github.com/wdlctc/delta-attention-residuals-code).
+
+The ordinary cumulative residual x is kept with weight 1 and a softmax mixture of depth deltas
+is added on top of it (the additive form; Kimi's AttnRes replaces x by the mixture instead):
+
+    read:   h_in = x + gate * sum_i softmax_i( w^T RMSNorm(delta_i) ) delta_i
+    write:  x <- x + f(Norm(h_in))
+
+Sources (`granularity`):
+- "sublayer": delta_0 = token embedding, delta_i = output of sublayer i (2L+1 sources at the end).
+- "block": delta_0 = embedding, then one delta per completed block of `block_size` sublayers,
+  delta_k = x(boundary k) - x(boundary k-1) = the sum of that block's sublayer outputs. We keep it
+  as a running sum of the block's outputs, which is this difference exactly (and without float
+  cancellation). The released code instead stores x(boundary k) minus the previously *appended
+  source*; that equals the block delta only for the first two sources and re-adds earlier terms
+  from the third on (embedding 1, block deltas 10, 100, 1000 are stored as 1, 10, 101, 1010).
+  We do not reproduce that bug; tests/test_delta_attnres.py checks the bookkeeping.
+  A boundary falls before every sublayer whose global 0-based index is a positive multiple of
+  `block_size`, so the first read of a block sees the block just completed (as in Block AttnRes);
+  the running sum of the current block is not a source. The end of the model closes the last
+  block, so the final read sees every sublayer's output. `block_size` counts sublayers
+  (attention + MLP = 2 per layer) as in `block_attnres`, default 4; the code counts layers
+  (num_blocks = 4 => ceil(L / 4) layers per block), i.e. code B layers = our 2B sublayers.
+
+Reads that see a single source (the first sublayer; with block granularity every read before the
+first block boundary) attend to the embedding with weight 1 and have no query parameters. The
+first read is h = x_0 + x_0, or x_0 with gate="alpha" (there a gate would only rescale x_0, which
+the norm removes, so it has none).
+
+Final read: one more read with its own query and key norm, h = x + gate * mixture, before the
+final norm and LM head (as the released code does).
+
+Our choices where text and code differ (spec decision 4: paper text by default):
+- `query_init="zero"` (paper text) by default; `"normal"` is the code's N(0, 0.02) (we use the
+  config's init_std, 0.02 by default).
+- `gate="none"` (the paper's method, no gate) by default: at init (zero queries, uniform weights)
+  every read is x + mean(sources). With sublayer granularity the sources sum to x, so the read is
+  (1 + 1/m) x and the sublayer's norm removes the factor: the model starts at the standard
+  residual up to the norm's eps (as AttnRes does). With block granularity the running block sum
+  is not a source, so x + mean(sources) is not a multiple of x and the model does NOT start at the
+  baseline (only its first read, 2 x_0, and the final read are multiples of x).
+  `gate="alpha"` multiplies the mixture by a learnable scalar per read, initialised to 0 (the
+  code's `learnable_alpha`): the model then starts exactly at the standard residual, any
+  granularity, any eps.
+Left out: the code's optional null source, sigmoid gates, V-stream decoupling and entropy bonus.
+
+Implementation: the depth sources, pseudo-queries and the two-phase softmax read are shared with
+attnres.py (PseudoQueryReads); x is the running plain sum of all sublayer outputs.
+
+depth_layers: an inactive block's sublayers read x (standard addition) and still produce deltas;
+the final read is active iff the last block is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from resstream.depth.attnres import AttnResState, PseudoQueryReads
+from resstream.options import require
+from resstream.registry import register_depth_operator
+
+GRANULARITIES = ("sublayer", "block")
+QUERY_INITS = ("zero", "normal")
+GATES = ("none", "alpha")
+
+
+@register_depth_operator("delta_attnres")
+class DeltaAttnRes(PseudoQueryReads):
+    aggregates = ("x + softmax(w . RMSNorm(delta_i)) mixture of the embedding and sublayer (or "
+                  "block) deltas, added on top of the kept residual")
+    paper = "Luo, Cai, Hu, Delta Attention Residuals (arXiv 2605.18855)"
+    partial_is_source = False
+
+    @dataclass
+    class Options:
+        granularity: str = "sublayer"  # "sublayer" | "block"
+        block_size: int = 4  # sublayers per block when granularity="block"
+        query_init: str = "zero"  # "zero" (paper) | "normal" (code: N(0, init_std))
+        gate: str = "none"  # "none" (paper) | "alpha" (learnable scalar per read, init 0)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        require(options.granularity in GRANULARITIES, "depth_options.granularity",
+                options.granularity, ", ".join(GRANULARITIES))
+        require(options.block_size >= 1, "depth_options.block_size", options.block_size,
+                "an integer >= 1 (sublayers per block)")
+        require(options.query_init in QUERY_INITS, "depth_options.query_init", options.query_init,
+                ", ".join(QUERY_INITS))
+        require(options.gate in GATES, "depth_options.gate", options.gate, ", ".join(GATES))
+
+    @property
+    def granularity(self) -> str:  # type: ignore[override]
+        return self.options.granularity
+
+    @property
+    def starts_at_baseline(self) -> bool:  # type: ignore[override]
+        # up to the norms' eps; block granularity without the gate reads x + mean(sources) where
+        # the sources miss the running block sum (see the module docstring)
+        return self.options.gate == "alpha" or self.options.granularity == "sublayer"
+
+    def __init__(self, config, sites, options):
+        block_size = options.block_size if options.granularity == "block" else 1
+        query_std = config.init_std if options.query_init == "normal" else 0.0
+        super().__init__(config, sites, options, block_size, query_std)
+        self.gate = None
+        if options.gate == "alpha":  # every active read but the first (it would only rescale x_0)
+            keys = [str(s.index) for s in sites if self.is_active(s.layer) and s.index > 0]
+            keys += ["final"] if self.final_active else []
+            self.gate = nn.ParameterDict({k: nn.Parameter(torch.zeros(())) for k in keys})
+
+    def init_state(self, x0, ctx):
+        return self._new_state(x0, keep_total=True)  # total = the cumulative residual x
+
+    def _read(self, state: AttnResState, key: str, active: bool):
+        """x + gate * mixture; `key` is the site index or "final"."""
+        if not active:
+            return state.total
+        # before the first completed block the only source is the embedding (weight 1)
+        mixture = self._attend(state, key) if key in self.column else state.embedding
+        if self.gate is None:
+            return state.total + mixture
+        if key not in self.gate:  # the first read
+            return state.total
+        return state.total + self.gate[key].to(mixture.dtype) * mixture
+
+    def read(self, state, site, norm, ctx):
+        self._next_site(state, site.index)
+        return norm(self._read(state, str(site.index), self.is_active(site.layer)))
+
+    def finalize(self, state, ctx):
+        if state.partial is not None:  # the end of the model closes the last block
+            self._append(state.sources, state.partial)
+            state.partial = None
+        self._next_site(state, len(self.sites))
+        return self._read(state, "final", self.final_active)
+
+    # ---------------------------------------------------------------- accounting
+    def depth_state_vectors(self) -> int:
+        return self._sources_after(len(self.sites)) + 1  # sources and x
+
+    def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        n_sites = sum(1 for s in self.sites if s.layer <= layer)
+        formula = ("x + embedding + every sublayer output so far (s+2)" if self.block_size == 1
+                   else "x + embedding + completed block deltas + running block sum "
+                        "(floor((s-1)/S)+3)")
+        return formula, self._sources_after(n_sites) + 1

@@ -1,0 +1,134 @@
+"""Manifold-constrained Hyper-Connections (DeepSeek-AI, "mHC: Manifold-Constrained
+Hyper-Connections", arXiv 2512.24880).
+
+Hyper-Connections (hyper.py) with n residual streams x_l in R^{n x C}, whose mixing
+coefficients are computed from ALL streams at once (the flattened n*C vector) and constrained:
+
+    x~      = RMSNorm(vec(x_l))                           in R^{1 x nC}
+    H~_pre  = alpha_pre  * (x~ phi_pre)      + b_pre      phi_pre  in R^{nC x n}
+    H~_post = alpha_post * (x~ phi_post)     + b_post     phi_post in R^{nC x n}
+    H~_res  = alpha_res  * mat(x~ phi_res)   + b_res      phi_res  in R^{nC x n^2}
+    H_pre = sigmoid(H~_pre),  H_post = 2 sigmoid(H~_post),  H_res = SinkhornKnopp(H~_res)
+    x_{l+1} = H_res x_l + H_post^T F(Norm(H_pre x_l))
+
+H_res[i, j] is the weight of stream j in the new stream i. Sinkhorn-Knopp: M = exp(H~_res),
+then `sinkhorn_iters` times (default t_max = 20) normalise the rows, then the columns (the order
+of the reference kernel, which folds exp and the first row normalisation into a softmax); it
+always runs in float32 (float64 for a float64 model), autocast off, as does all stream
+arithmetic. The last step normalises columns, so the columns of H_res sum to 1 exactly and the
+rows to 1 up to the iteration's convergence. No epsilon inside Sinkhorn (the kernel adds one).
+
+Paper-stated init: alpha_pre = alpha_post = alpha_res = 0.01 (learnable), n = 4, t_max = 20.
+The paper does not state the phi and bias inits; ours (`init`):
+- phi = 0 (so the coefficients at init are exactly the biases). The RMSNorm of x~ has no weight
+  of its own: as in the paper's fused form it is absorbed into phi.
+- "symmetry_breaking" (default; spec section 8.2): b_pre = +1 for stream k mod n (k the sublayer's
+  global 0-based index) and -1 for the others (H_pre = 0.73 / 0.27: each sublayer favours one
+  stream, as HC's A_m = e_{k mod n}); b_res = 2 I (identity-favouring; its rows and columns have
+  equal sums, so Sinkhorn is exact after one step: diagonal e^2 / (e^2 + n - 1) = 0.71 at n = 4);
+  b_post = 0 (H_post = 1). Why not a stronger diagonal: Sinkhorn converges slowly on nearly
+  diagonal matrices; with logits c I + N(0, 0.3^2) noise, 20 iterations leave row sums off by
+  3e-5 at c = 2 but 1e-2 at c = 4 (measured), i.e. H_res would no longer be doubly stochastic.
+- "zero": all biases 0 (H_pre = 1/2, H_post = 1, H_res = 1/n). With phi = 0 nothing ever makes
+  the identical streams differ: every stream gets the same gradient.
+Starts at the baseline (up to eps): the streams start identical (n copies of the embedding); a
+doubly stochastic H_res maps identical streams to themselves, H_post = 1 adds F to every stream,
+so every stream stays equal to the standard residual x; the sublayer sees
+Norm((sum_j H_pre[j]) x) = Norm(x) up to eps, and the final read sums the streams (n x, removed
+by the final norm up to eps). This holds for both inits because b_post = 0.
+
+Where H_res cannot matter (inherent, with streams copied from the embedding and summed at the
+end): at the first sublayer the streams are identical, and a doubly stochastic H_res maps
+identical streams to themselves; at the last sublayer only the sum of the streams is read and
+sum_i (H_res x)_i = sum_j (column sum j) x_j = sum_j x_j. Those parameters are kept (uniform
+per-sublayer modules; a learned collapse, as in DeepSeek-V4, would make the last one live).
+
+depth_layers: as in hyper.py, an inactive sublayer reads the stream mean and adds its output to
+every stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from resstream.depth.hyper import HyperConnections
+from resstream.options import require
+from resstream.registry import register_depth_operator
+
+INITS = ("symmetry_breaking", "zero")
+PRE_BIAS = 1.0  # b_pre: +1 for the favoured stream, -1 for the others
+RES_BIAS = 2.0  # b_res = RES_BIAS * I
+
+
+def sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
+    """exp(logits) alternately row- and column-normalised `iters` times, [..., n, n]."""
+    matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        matrix = matrix / matrix.sum(-1, keepdim=True)
+        matrix = matrix / matrix.sum(-2, keepdim=True)
+    return matrix
+
+
+class ManifoldConnection(nn.Module):
+    """The mHC coefficients of one sublayer, from the flattened, RMS-normalised n*d streams."""
+
+    def __init__(self, d_model: int, n: int, index: int, init: str, sinkhorn_iters: int,
+                 eps: float):
+        super().__init__()
+        self.n, self.eps, self.sinkhorn_iters = n, eps, sinkhorn_iters
+        self.phi = nn.Parameter(torch.zeros(n * d_model, n * n + 2 * n))  # [pre | post | res]
+        self.alpha_pre = nn.Parameter(torch.tensor(0.01))
+        self.alpha_post = nn.Parameter(torch.tensor(0.01))
+        self.alpha_res = nn.Parameter(torch.tensor(0.01))
+        b_pre, b_res = torch.zeros(n), torch.zeros(n, n)
+        if init == "symmetry_breaking":
+            b_pre = torch.full((n,), -PRE_BIAS)
+            b_pre[index % n] = PRE_BIAS
+            b_res = RES_BIAS * torch.eye(n)
+        self.b_pre = nn.Parameter(b_pre)
+        self.b_post = nn.Parameter(torch.zeros(n))
+        self.b_res = nn.Parameter(b_res)
+
+    def coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(H_pre [..., n], H_res^T [..., n, n] (row j = from stream j), H_post [..., n])."""
+        n, dtype = self.n, streams.dtype
+        flat = streams.flatten(-2)  # [B, T, n*d]
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1).square() / flat.shape[-1]
+                              + self.eps)
+        proj = torch.matmul(flat, self.phi.to(dtype)) * inv_rms[..., None]
+        pre = torch.sigmoid(self.alpha_pre.to(dtype) * proj[..., :n] + self.b_pre.to(dtype))
+        post = 2 * torch.sigmoid(self.alpha_post.to(dtype) * proj[..., n:2 * n]
+                                 + self.b_post.to(dtype))
+        res_logits = (self.alpha_res.to(dtype) * proj[..., 2 * n:].unflatten(-1, (n, n))
+                      + self.b_res.to(dtype))
+        res = sinkhorn_knopp(res_logits, self.sinkhorn_iters)
+        return pre, res.transpose(-1, -2), post
+
+
+@register_depth_operator("mhc")
+class ManifoldHyperConnections(HyperConnections):
+    aggregates = ("n residual streams: sigmoid read, 2*sigmoid write and Sinkhorn doubly "
+                  "stochastic stream mix, all from the flattened n*d state")
+    paper = "DeepSeek-AI, mHC: Manifold-Constrained Hyper-Connections (arXiv 2512.24880)"
+    mixing = "dynamic"
+    starts_at_baseline = True  # our init (phi = 0, b_post = 0); up to the norms' eps
+
+    @dataclass
+    class Options:
+        streams: int = 4  # expansion rate n
+        sinkhorn_iters: int = 20  # t_max
+        init: str = "symmetry_breaking"  # "symmetry_breaking" | "zero" (biases; phi = 0 always)
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        require(options.streams >= 1, "depth_options.streams", options.streams, "an integer >= 1")
+        require(options.sinkhorn_iters >= 1, "depth_options.sinkhorn_iters", options.sinkhorn_iters,
+                "an integer >= 1")
+        require(options.init in INITS, "depth_options.init", options.init, ", ".join(INITS))
+
+    def new_connection(self, config, index: int) -> nn.Module:
+        return ManifoldConnection(config.d_model, self.n, index, self.options.init,
+                                  self.options.sinkhorn_iters, config.norm_eps)

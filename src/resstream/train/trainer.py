@@ -1,0 +1,599 @@
+"""The training loop: AdamW, warmup + cosine schedule, clipping, accumulation, evaluation in
+bits per byte, JSONL metrics, atomic checkpoints and exact resume.
+
+Run folder (``--out``, default ``runs/<name>``)::
+
+    config.json         resolved TrainConfig (preset, model overrides, data, optim, train)
+    model_config.json   the resolved ModelConfig
+    environment.json    python, torch, numpy, platform, threads, device, resstream version, git
+                        commit and a sha256 of the package's source files (the code version)
+    data_manifest.json  the data cache's manifest (source, byte counts, sha256, versions)
+    metrics.jsonl       one JSON record per line: kind "train", "eval" or "final"
+    checkpoints/step_NNNNNNNN/  see resstream.train.checkpoint
+
+Exact resume. Every random choice is a function of (seed, step): the batch for micro-batch m of
+step s is drawn by ``numpy.random.default_rng([seed, s, m])``, so resuming needs no replay of the
+data stream; weights, optimizer state and all RNG states come from the checkpoint. A run killed
+at any point and resumed from its last checkpoint ends bitwise equal to an uninterrupted run on
+the same machine and thread count (tested with SIGKILL in tests/test_train.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resstream.data.cache import PreparedData, prepare_data
+from resstream.errors import UserError
+from resstream.metrics import EvalResult, evaluate_bpb
+from resstream.train import checkpoint as ckpt
+from resstream.train.config import TrainConfig
+
+CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "model_config.json"
+ENVIRONMENT_FILE = "environment.json"
+DATA_MANIFEST_FILE = "data_manifest.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE)  # files that make a folder a resstream run folder
+
+# Keys that may change between a run and its resumption: they do not change the weights.
+RESUMABLE_CHANGES = {
+    "name", "data.cache_dir", "train.steps", "train.eval_every", "train.eval_tokens",
+    "train.final_eval_tokens", "train.eval_batch_size", "train.log_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.compile", "train.threads",
+    "train.progress",
+}
+# Evaluations of at least this many tokens get their own (transient) progress bar.
+EVAL_PROGRESS_MIN_TOKENS = 100_000
+# Test hook only: seconds to sleep after each step, so a test can SIGKILL a run mid-way.
+SLOW_STEP_ENV = "RESSTREAM_TEST_STEP_SLEEP"
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a NaN or infinite loss or gradient; the run stops before updating."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    final_eval: EvalResult | None
+    evals: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    wall_seconds: float = 0.0
+    num_parameters: int = 0
+
+
+def default_run_name(config: TrainConfig) -> str:
+    """runs/<name>: the config's name, else preset + depth operator (+ local mixer)."""
+    if config.name:
+        return config.name
+    model = config.model
+    parts = [config.preset, str(model.get("depth", "standard"))]
+    if model.get("local_mixer"):
+        parts.append(str(model["local_mixer"]))
+    return "-".join(parts)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay from
+    optim.lr to optim.min_lr at the last step."""
+    optim, total = config.optim, config.train.steps
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    decay_steps = max(1, total - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / decay_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_for_step(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int,
+                   micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) for one micro-batch: random windows drawn by a generator seeded with
+    (seed, step, micro), so the data order needs no state to resume."""
+    rng = np.random.default_rng([seed, step, micro])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    windows = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+    batch = torch.from_numpy(windows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+class Trainer:
+    """One training run. `Trainer(config, run_dir, ...).run()` trains and returns a TrainResult.
+
+    `data` may be passed in to share prepared tokens between runs (the demo does);
+    `progress_label` prefixes the progress bar; `log` receives one-line status messages."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
+                 overwrite: bool = False, data: PreparedData | None = None,
+                 progress_label: str | None = None, log: Callable[[str], None] | None = None,
+                 argv: list[str] | None = None):
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other; allowed: one of them")
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.overwrite = overwrite
+        self.data = data
+        self.progress_label = progress_label or self.run_dir.name
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.argv = argv
+        self.model_config = config.model_config()
+        self.seq_len = config.data.seq_len or self.model_config.max_seq_len
+        if self.seq_len > self.model_config.max_seq_len:
+            raise UserError(f"data.seq_len={self.seq_len} is invalid; allowed: at most "
+                            f"model.max_seq_len={self.model_config.max_seq_len}")
+
+    # ------------------------------------------------------------------ setup
+    def _device(self) -> torch.device:
+        wanted = self.config.train.device
+        if wanted == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if wanted == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device='cuda' is invalid; allowed: cpu or auto (no CUDA device "
+                            "is available)")
+        if wanted == "mps" and not torch.backends.mps.is_available():
+            raise UserError("train.device='mps' is invalid; allowed: cpu or auto (MPS is not "
+                            "available)")
+        return torch.device(wanted)
+
+    def _prepare_run_dir(self) -> None:
+        """Refuse a non-empty folder unless resuming or overwriting a resstream run."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"run folder {str(run_dir)!r} is a file; allowed: a new or empty folder")
+        occupied = run_dir.is_dir() and any(run_dir.iterdir())
+        if self.resume:
+            if not occupied or ckpt.latest_checkpoint(run_dir) is None:
+                raise UserError(f"--resume: no checkpoint in {str(run_dir)!r}; allowed: a run "
+                                "folder with checkpoints/ (or start without --resume)")
+            return
+        if occupied and not self.overwrite:
+            raise UserError(f"run folder {str(run_dir)!r} is not empty; allowed: --resume to "
+                            "continue it, --overwrite to start over, or another --out")
+        if occupied:
+            if not any((run_dir / marker).exists() for marker in RUN_MARKERS):
+                raise UserError(f"--overwrite refused: {str(run_dir)!r} does not look like a "
+                                f"resstream run folder (no {' or '.join(RUN_MARKERS)}); "
+                                "allowed: a run folder or an empty/new folder")
+            _clear_directory(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_resume_config(self) -> None:
+        saved = _read_json_file(self.run_dir / CONFIG_FILE)
+        differences = sorted(key for key in _diff_dotted(saved, self.config.to_dict())
+                             if key not in RESUMABLE_CHANGES)
+        if differences:
+            raise UserError(f"--resume: the config differs from the run's {CONFIG_FILE} in "
+                            f"{', '.join(differences)}; allowed changes: "
+                            f"{', '.join(sorted(RESUMABLE_CHANGES))}")
+
+    def _load_data(self) -> PreparedData:
+        data = self.data or prepare_data(self.config.data.source, self.config.data.cache_dir)
+        need = self.seq_len + 1
+        for split, tokens in (("training", data.train), ("validation", data.val)):
+            if len(tokens) < need:
+                raise UserError(f"data {self.config.data.source!r} is too short: its {split} "
+                                f"text has {len(tokens)} tokens; allowed: at least one sequence "
+                                f"(data.seq_len + 1 = {need} tokens)")
+        return data
+
+    def _build_optimizer(self, model: torch.nn.Module) -> torch.optim.AdamW:
+        """AdamW; weight decay on matrices only (norm gains, biases and gates are not decayed)."""
+        optim = self.config.optim
+        decay, no_decay = [], []
+        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad:
+                (decay if param.dim() >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": optim.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                 eps=optim.eps)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        wall_start = time.perf_counter()
+        train_cfg = self.config.train
+        if train_cfg.threads:
+            torch.set_num_threads(train_cfg.threads)
+        device = self._device()
+        self._prepare_run_dir()
+        if self.resume:
+            self._check_resume_config()
+        data = self._load_data()
+        self.data = data
+
+        from resstream.model import ResStreamLM
+
+        torch.manual_seed(train_cfg.seed)
+        model = ResStreamLM(self.model_config).to(device)
+        optimizer = self._build_optimizer(model)
+        step, tokens_seen = 0, 0
+        if self.resume:
+            loaded = ckpt.read_checkpoint(ckpt.latest_checkpoint(self.run_dir))
+            ckpt.load_model_weights(loaded, model)
+            ckpt.load_optimizer_state(loaded, optimizer)
+            ckpt.restore_rng_state(loaded.state["rng"])
+            step, tokens_seen = loaded.step, int(loaded.state.get("tokens", 0))
+            if step >= self.config.train.steps:
+                raise UserError(f"--resume: {self.run_dir} already finished at step {step}; "
+                                f"allowed: --steps larger than {step} to continue training")
+            _truncate_metrics(self.run_dir / METRICS_FILE, step)
+            self.log(f"resuming {self.run_dir} from step {step} ({loaded.path.name})")
+        self._write_run_files(data, model)
+        self.metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        try:
+            return self._loop(model, optimizer, data, device, step, tokens_seen, wall_start)
+        finally:
+            self.metrics_file.close()
+
+    def _loop(self, model, optimizer, data, device, step, tokens_seen, wall_start) -> TrainResult:
+        cfg = self.config
+        train_cfg = cfg.train
+        forward = _maybe_compile(model, train_cfg.compile, self.log)
+        autocast_dtype = _autocast_dtype(train_cfg.precision, device, self.log)
+        tokens_per_step = cfg.data.batch_size * self.seq_len * cfg.optim.grad_accum
+        evals = _read_evals(self.run_dir / METRICS_FILE)
+        sleep_per_step = float(os.environ.get(SLOW_STEP_ENV, "0") or 0)
+        if step == 0 and train_cfg.eval_every > 0:
+            evals.append(self._evaluate(model, data, device, autocast_dtype, step, tokens_seen,
+                                        train_cfg.eval_tokens))
+        progress = _progress_bar(train_cfg.steps, step, self.progress_label, train_cfg.progress)
+        train_seconds, trained_tokens, last_loss = 0.0, 0, float("nan")
+        final_eval = None
+        try:
+            while step < train_cfg.steps:
+                started = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm, forward = self._train_step(model, forward, optimizer, data,
+                                                            device, autocast_dtype, step)
+                step += 1
+                tokens_seen += tokens_per_step
+                trained_tokens += tokens_per_step
+                train_seconds += time.perf_counter() - started
+                last_loss = loss
+                tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if evals:
+                    postfix["val_bpb"] = f"{evals[-1]['val_bpb']:.3f}"
+                progress.set_postfix(postfix, refresh=False)
+                progress.update(1)
+                if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                    self._write_metrics({"kind": "train", "step": step, "tokens": tokens_seen,
+                                         "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                         "tokens_per_s": tokens_per_s,
+                                         "elapsed_s": time.perf_counter() - wall_start})
+                is_last = step == train_cfg.steps
+                if is_last:
+                    final_eval_record = self._evaluate(model, data, device, autocast_dtype, step,
+                                                       tokens_seen, train_cfg.final_eval_tokens)
+                    evals.append(final_eval_record)
+                    final_eval = final_eval_record
+                elif train_cfg.eval_every and step % train_cfg.eval_every == 0:
+                    evals.append(self._evaluate(model, data, device, autocast_dtype, step,
+                                                tokens_seen, train_cfg.eval_tokens))
+                if is_last or (train_cfg.checkpoint_every
+                               and step % train_cfg.checkpoint_every == 0):
+                    self._save(model, optimizer, step, tokens_seen)
+                if sleep_per_step:
+                    time.sleep(sleep_per_step)
+        finally:
+            progress.close()
+        result = TrainResult(
+            run_dir=self.run_dir, step=step, tokens=tokens_seen,
+            final_eval=_eval_result(final_eval) if final_eval else None, evals=evals,
+            train_seconds=train_seconds,
+            tokens_per_second=trained_tokens / train_seconds if train_seconds else 0.0,
+            wall_seconds=time.perf_counter() - wall_start,
+            num_parameters=_num_parameters(model))
+        self._write_metrics({"kind": "final", "step": step, "tokens": tokens_seen,
+                             "train_loss": last_loss,
+                             "val_loss": final_eval["val_loss"] if final_eval else None,
+                             "val_bpb": final_eval["val_bpb"] if final_eval else None,
+                             "tokens_per_s": result.tokens_per_second,
+                             "train_seconds": train_seconds, "wall_seconds": result.wall_seconds,
+                             "num_parameters": result.num_parameters})
+        return result
+
+    def _train_step(self, model, forward, optimizer, data, device, autocast_dtype, step):
+        """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, the
+        forward callable to use next; it becomes the eager model if compiling failed)."""
+        cfg = self.config
+        try:
+            loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
+        except Exception as error:  # noqa: BLE001 - compile failures have many types
+            if forward is model or isinstance(error, UserError):
+                raise
+            self.log(f"warning: torch.compile failed ({_first_line(error)}); running eagerly")
+            forward = model
+            loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = ckpt.latest_checkpoint(self.run_dir)
+            where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
+            what = f"loss={loss}" if not math.isfinite(loss) else f"gradient norm={grad_norm}"
+            advice = "a lower optim.lr"
+            if cfg.train.precision != "fp32":
+                advice += " or train.precision=fp32"
+            message = (f"training stopped at step {step + 1}: {what} is not finite ({where}); "
+                       f"try {advice}")
+            self._write_metrics({"kind": "error", "step": step + 1, "message": message})
+            raise NonFiniteLossError(message)
+        optimizer.step()
+        return loss, grad_norm, forward
+
+    def _accumulate(self, forward, optimizer, data, device, autocast_dtype, step) -> float:
+        cfg = self.config
+        optimizer.zero_grad(set_to_none=True)
+        accum = cfg.optim.grad_accum
+        total = 0.0
+        for micro in range(accum):
+            inputs, targets = batch_for_step(data.train, self.seq_len, cfg.data.batch_size,
+                                             cfg.train.seed, step, micro)
+            inputs, targets = inputs.to(device), targets.to(device)
+            context = (torch.autocast(device.type, dtype=autocast_dtype)
+                       if autocast_dtype is not None else contextlib.nullcontext())
+            with context:
+                logits = forward(inputs)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                   targets.reshape(-1))
+            (loss / accum).backward()
+            total += float(loss.detach())
+        return total / accum
+
+    def _evaluate(self, model, data, device, autocast_dtype, step, tokens, budget) -> dict:
+        n_tokens = len(data.val) if budget is None else min(budget, len(data.val))
+        bar = None
+        if self.config.train.progress and n_tokens >= EVAL_PROGRESS_MIN_TOKENS:
+            bar = _progress_bar(None, 0, f"{self.progress_label} eval", True, unit="window",
+                                leave=False)
+
+        def on_batch(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        try:
+            result = evaluate_bpb(model, data.val, self.seq_len,
+                                  self.config.train.eval_batch_size, max_tokens=budget,
+                                  device=device, autocast_dtype=autocast_dtype,
+                                  on_batch=on_batch if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        record = {"kind": "eval", "step": step, "tokens": tokens, "val_loss": result.loss,
+                  "val_bpb": result.bpb, "eval_tokens": result.tokens,
+                  "eval_bytes": result.bytes}
+        self._write_metrics(record)
+        return record
+
+    def _save(self, model, optimizer, step: int, tokens: int) -> Path:
+        state = {"tokens": tokens,
+                 "data_position": {"seed": self.config.train.seed, "next_step": step,
+                                   "rule": "numpy.random.default_rng([seed, step, micro])"},
+                 "model_config": self.model_config.to_dict(),
+                 "train_config": self.config.to_dict(),
+                 "tokenizer": self.data.tokenizer.to_dict() if self.data else None}
+        return ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state,
+                                    self.config.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ run files
+    def _write_run_files(self, data: PreparedData, model: torch.nn.Module) -> None:
+        _write_json_file(self.run_dir / CONFIG_FILE, self.config.to_dict())
+        _write_json_file(self.run_dir / MODEL_CONFIG_FILE, self.model_config.to_dict())
+        _write_json_file(self.run_dir / DATA_MANIFEST_FILE, data.manifest)
+        environment = environment_info()
+        environment.update({"num_parameters": _num_parameters(model),
+                            "argv": self.argv if self.argv is not None else sys.argv})
+        path = self.run_dir / ENVIRONMENT_FILE
+        if self.resume and path.is_file():  # keep the original; record each resumption
+            original = _read_json_file(path)
+            original.setdefault("resumes", []).append(environment)
+            environment = original
+        _write_json_file(path, environment)
+
+    def _write_metrics(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
+    """torch.compile(model) when asked; any failure (here or at the first step) falls back to
+    the eager model with a warning."""
+    if not enabled:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as error:  # noqa: BLE001
+        log(f"warning: torch.compile unavailable ({_first_line(error)}); running eagerly")
+        return model
+
+
+def _autocast_dtype(precision: str, device: torch.device, log) -> torch.dtype | None:
+    """bf16 autocast dtype, or None for fp32. On a CPU, bf16 matmuls are first tried in a child
+    process: some virtual machines advertise AMX-BF16 without enabling it, and oneDNN then dies
+    with SIGILL, which no exception handler can catch. If the probe fails the run uses fp32."""
+    if precision != "bf16":
+        return None
+    if device.type == "cpu" and not _cpu_bf16_matmul_works():
+        log("warning: bf16 matrix products crash on this CPU (try ONEDNN_MAX_CPU_ISA="
+            "AVX512_CORE_BF16); running in fp32")
+        return None
+    return torch.bfloat16
+
+
+_BF16_PROBE: dict[str, bool] = {}
+
+
+def _cpu_bf16_matmul_works() -> bool:
+    if "cpu" not in _BF16_PROBE:
+        code = ("import torch\n"
+                "x = torch.randn(8, 32)\nw = torch.randn(64, 32, requires_grad=True)\n"
+                "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+                "    torch.nn.functional.linear(x, w).float().sum().backward()\n")
+        try:
+            probe = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+            _BF16_PROBE["cpu"] = probe.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _BF16_PROBE["cpu"] = False
+    return _BF16_PROBE["cpu"]
+
+
+def _progress_bar(total: int | None, initial: int, label: str, enabled: bool,
+                  unit: str = "step", leave: bool = True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, unit=unit, dynamic_ncols=True,
+                disable=not enabled, file=sys.stderr, mininterval=0.5, leave=leave)
+
+
+def _num_parameters(model: torch.nn.Module) -> int:
+    if hasattr(model, "num_parameters"):
+        return int(model.num_parameters())
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _eval_result(record: dict) -> EvalResult:
+    nats = record["val_loss"] * record["eval_tokens"]
+    return EvalResult(loss=record["val_loss"], bpb=record["val_bpb"], tokens=record["eval_tokens"],
+                      bytes=record["eval_bytes"], total_nats=nats)
+
+
+def _read_evals(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [r for r in _read_jsonl(path) if r.get("kind") == "eval"]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return records
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint being resumed from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step and r.get("kind") != "final"]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _diff_dotted(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(left, dict) and isinstance(right, dict) and prefix == "":
+            keys.extend(_diff_dotted(left, right, dotted + "."))
+        elif left != right:
+            keys.append(dotted)
+    return keys
+
+
+def _clear_directory(path: Path) -> None:
+    import shutil
+
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _write_json_file(path: Path, data: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n",
+                         encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _read_json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"run file {str(path)!r} cannot be read: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def environment_info() -> dict[str, Any]:
+    """Python, torch, platform and code version, for the run folder."""
+    import resstream
+
+    info = {
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "resstream_version": getattr(resstream, "__version__", "unknown"),
+        "source_sha256": source_sha256(),
+        "git": git_info(Path(resstream.__file__).resolve().parent),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def source_sha256() -> str:
+    """sha256 over the package's .py files (path + content): the code version without git."""
+    import resstream
+
+    root = Path(resstream.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def git_info(directory: Path) -> dict[str, Any] | None:
+    """Commit and dirty flag of the git checkout holding `directory`, if there is one."""
+    def run(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = run("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status)}
+

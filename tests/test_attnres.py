@@ -1,0 +1,246 @@
+"""Full and Block Attention Residuals (depth/attnres.py) against float64 references written from
+the paper's equations (Full) and the official pseudocode (Block), plus init, gradients, every
+learned weight, depth_layers, decoding and options."""
+import pytest
+import torch
+
+from resstream.depth.attnres import NormalizedScores, SoftmaxMerge
+from resstream.errors import UserError
+from resstream.model import ResStreamLM
+from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+
+IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def rms_norm(x, weight, eps):
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def pseudo_query_read(op, key, values, eps):
+    """softmax_i(w^T RMSNorm_g(v_i)) v_i, one source at a time."""
+    if len(values) == 1:  # weight 1 whatever the query: the first read has no parameters
+        return values[0]
+    w, g = op.query[key], op.key_norm[key]
+    logits = torch.stack([(w * rms_norm(v, g, eps)).sum(-1) for v in values])
+    weights = torch.softmax(logits, dim=0)
+    return sum(a.unsqueeze(-1) * v for a, v in zip(weights, values))
+
+
+def sublayer_pairs(model):
+    for block in model.blocks:
+        yield from zip(block.sites, block.sublayers())
+
+
+def reference_full(model, ids):
+    """Full AttnRes (paper eqs.): h_l = sum_{i<l} softmax_i(w_l^T RMSNorm_l(v_i)) v_i over
+    v_0 = embedding and every earlier sublayer output; inactive blocks read sum_i v_i."""
+    op, eps = model.depth, model.config.norm_eps
+    ctx = model.context(ids.shape[1], None, None, ids.device)
+    sources = [model.embed(ids)]
+    for site, sub in sublayer_pairs(model):
+        if op.is_active(site.layer):
+            h = pseudo_query_read(op, str(site.index), sources, eps)
+        else:
+            h = sum(sources)
+        sources.append(sub(sub.norm(h), ctx))
+    last_active = op.is_active(model.config.n_layers - 1)
+    h = pseudo_query_read(op, "final", sources, eps) if last_active else sum(sources)
+    return model.lm_head(model.norm(h))
+
+
+def reference_block(model, ids, block_size):
+    """Block AttnRes, the official pseudocode literally: read over blocks + [partial], THEN the
+    boundary check (0-based sublayer index % block_size == 0) appends the partial; the partial
+    starts as the embedding, so index 0 turns the embedding into block 0. Inactive blocks (and
+    the final read when the last block is inactive) read the plain sum of those values."""
+    op, eps = model.depth, model.config.norm_eps
+    ctx = model.context(ids.shape[1], None, None, ids.device)
+    blocks, partial = [], model.embed(ids)
+    for site, sub in sublayer_pairs(model):
+        values = blocks + ([partial] if partial is not None else [])
+        h = pseudo_query_read(op, str(site.index), values, eps) if op.is_active(site.layer) \
+            else sum(values)
+        if site.index % block_size == 0:
+            blocks.append(partial)
+            partial = None
+        out = sub(sub.norm(h), ctx)
+        partial = out if partial is None else partial + out
+    values = blocks + [partial]
+    last_active = op.is_active(model.config.n_layers - 1)
+    h = pseudo_query_read(op, "final", values, eps) if last_active else sum(values)
+    return model.lm_head(model.norm(h)), len(values)
+
+
+def build(depth, options=None, seed=0, dtype=torch.float64, perturb=True, **changes):
+    torch.manual_seed(seed)
+    model = ResStreamLM(tiny_config(depth=depth, depth_options=options or {}, **changes))
+    model = model.to(dtype)
+    if perturb:
+        perturb_parameters(model, scale=0.3, seed=seed)  # queries far from zero: peaked weights
+    return model
+
+
+@pytest.mark.parametrize("changes", [{}, {"local_mixer": "shortswa"}, {"depth_layers": [0, 2]},
+                                     {"depth_layers": [1]}])
+def test_full_matches_float64_reference(changes):
+    model = build("attnres", **changes)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), reference_full(model, IDS), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block_size,changes", [
+    (4, {}), (3, {}), (2, {"local_mixer": "shortswa"}), (4, {"local_mixer": "shortswa"}),
+    (1, {}), (100, {}), (3, {"depth_layers": [0, 2]}), (2, {"depth_layers": [1]})])
+def test_block_matches_float64_pseudocode(block_size, changes):
+    model = build("block_attnres", {"block_size": block_size}, **changes)
+    expected, n_sources = reference_block(model, IDS, block_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, rtol=1e-10, atol=1e-10)
+    assert model.depth.depth_state_vectors() == n_sources  # sources seen by the final read
+
+
+def test_block_size_one_is_full_attnres():
+    full = build("attnres")
+    block = build("block_attnres", {"block_size": 1})
+    block.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(block(IDS), full(IDS), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth,options", [("attnres", {}), ("block_attnres", {"block_size": 3})])
+def test_gradients_match_reference(depth, options):
+    """The hand-written backward passes agree with autograd through the reference loops."""
+    model = build(depth, options, local_mixer="shortswa")
+
+    def gradients(forward):
+        model.zero_grad()
+        forward().square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    reference = (lambda: reference_full(model, IDS)) if depth == "attnres" else \
+        (lambda: reference_block(model, IDS, options["block_size"])[0])
+    expected = gradients(reference)
+    for name, grad in gradients(lambda: model(IDS)).items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_custom_functions_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    mix, lse, query, partial = rand(1, 2, 3), rand(1, 2), rand(3), rand(1, 2, 3)
+    recent, logits = [rand(1, 2, 3), rand(1, 2, 3)], [rand(1, 2), rand(1, 2)]
+    assert torch.autograd.gradcheck(
+        lambda *a: SoftmaxMerge.apply(a[0], a[1], a[2], 1e-3, a[3], 2, *a[4:]),
+        (mix, lse, query, partial, *recent, *logits))
+    assert torch.autograd.gradcheck(lambda *a: SoftmaxMerge.apply(a[0], a[1], a[2], 1e-3, None, 2,
+                                                                  *a[3:]),
+                                    (mix, lse, query, *recent, *logits))
+    assert torch.autograd.gradcheck(lambda v, q: NormalizedScores.apply(v, q, 1e-3),
+                                    (partial, rand(4, 3)))
+
+
+@pytest.mark.parametrize("depth,options,changes", [
+    ("attnres", {}, {}), ("block_attnres", {}, {}), ("block_attnres", {"block_size": 3}, {}),
+    ("attnres", {}, {"local_mixer": "shortswa"}),
+    ("block_attnres", {}, {"local_mixer": "shortswa"}),
+    ("attnres", {}, {"depth_layers": [1]}),
+])
+def test_starts_at_standard_model(depth, options, changes):
+    """Zero pseudo-queries give uniform weights: every read is (1/m) x the standard residual and
+    the following RMSNorm removes 1/m -- exactly only up to eps (RMSNorm(x/m) uses eps*m^2
+    relative to RMSNorm(x); with init_std=0.02 embeddings and eps=1e-5 that is a visible change),
+    so we compare at norm_eps=1e-10, where the remaining difference is float32 rounding."""
+    torch.manual_seed(0)
+    model = ResStreamLM(tiny_config(depth=depth, depth_options=options, norm_eps=1e-10, **changes))
+    twin = baseline_twin(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), twin(IDS), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth,options", [("attnres", {}), ("block_attnres", {"block_size": 3})])
+def test_every_learned_weight_matters(depth, options):
+    """Perturbing any pseudo-query or key-norm weight changes the output."""
+    model = build(depth, options, dtype=torch.float32)
+    params = dict(model.depth.named_parameters())
+    # query and key norm per sublayer read except the first (one source) + the final read
+    assert len(params) == 2 * (2 * 3 - 1 + 1)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        before = model(IDS)
+        for name, p in params.items():
+            noise = torch.randn(p.shape, generator=gen) * 0.5
+            p.add_(noise)
+            assert (model(IDS) - before).abs().max() > 1e-4, name
+            p.sub_(noise)
+
+
+@pytest.mark.parametrize("depth", ["attnres", "block_attnres"])
+def test_no_active_layer_is_the_standard_model(depth):
+    model = build(depth, depth_layers=[])
+    assert not list(model.depth.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), baseline_twin(model)(IDS), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth,changes", [("attnres", {}),
+                                           ("block_attnres", {"local_mixer": "shortswa"})])
+def test_incremental_decoding_matches_full_forward(depth, changes):
+    model = build(depth, **changes)  # float64: T=1 and T=7 kernels round differently in float32
+    with torch.no_grad():
+        full = model(IDS)
+        cache = model.new_cache(IDS.shape[0])
+        steps = [model(IDS[:, :3], cache=cache)] + [model(IDS[:, t:t + 1], cache=cache)
+                                                    for t in range(3, IDS.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def run_hooks(op, x0, outputs):
+    """Drive the operator's hooks with given sublayer outputs (identity pre-norm)."""
+    state = op.init_state(x0, None)
+    reads = []
+    for site, out in zip(op.sites, outputs):
+        reads.append(op.read(state, site, lambda x: x, None))
+        state = op.write(state, site, out, None)
+    return reads, op.finalize(state, None)
+
+
+@pytest.mark.parametrize("depth", ["attnres", "block_attnres"])
+def test_depth_reads_run_in_float32_under_bfloat16_autocast(depth):
+    """Under autocast the sublayers emit bfloat16; the depth reads must still be float32 math.
+    (Hook-level: bfloat16 Linear layers crash on this CI's CPU even for `standard`.)"""
+    model = build(depth, {"block_size": 3} if depth == "block_attnres" else {},
+                  dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 5, 32, generator=gen)
+    outputs = [torch.randn(2, 5, 32, generator=gen).bfloat16() for _ in model.sites]
+    with torch.no_grad():
+        expected_reads, expected = run_hooks(model.depth, x0, [o.float() for o in outputs])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reads, final = run_hooks(model.depth, x0, outputs)
+    assert final.dtype == torch.float32
+    torch.testing.assert_close(final, expected, rtol=1e-6, atol=1e-6)
+    for read, want in zip(reads, expected_reads):
+        torch.testing.assert_close(read, want, rtol=1e-6, atol=1e-6)
+
+
+def test_accounting():
+    model = build("block_attnres", {"block_size": 4}, dtype=torch.float32, n_layers=4)
+    # after block 1 (sublayers 0..3) the boundary before sublayer 4 is not crossed yet:
+    # embedding + the partial sum of sublayers 0..3
+    assert model.depth.pipeline_payload(1)[1] == 2
+    assert model.depth.pipeline_payload(2)[1] == 3  # + block {0..3}, partial {4, 5}
+    full = build("attnres", dtype=torch.float32, n_layers=4)
+    assert full.depth.pipeline_payload(1)[1] == 5  # embedding + 4 sublayer outputs
+    assert full.depth.depth_state_vectors() == 9
+
+
+@pytest.mark.parametrize("options", [{"block_size": 0}, {"block_size": -2}, {"window": 3},
+                                     {"block_size": "4"}])
+def test_options_validated(options):
+    with pytest.raises(UserError, match="block_size|window"):
+        tiny_config(depth="block_attnres", depth_options=options)
+    with pytest.raises(UserError):
+        tiny_config(depth="attnres", depth_options={"block_size": 2})
