@@ -78,10 +78,12 @@ def test_default_steps_shrink_to_fit_the_time_budget(monkeypatch, capsys):
     configs = {variant: demo.demo_config(args, variant) for variant in VARIANTS}
     data = SimpleNamespace(val=np.zeros(128 * 1000 + 1, dtype=np.uint8))
     # 1 s per step for the four variants together, 10 us per evaluated token.
-    monkeypatch.setattr(demo, "_time_variants", lambda configs, data: (1.0, 1e-5))
+    monkeypatch.setattr(demo, "_time_variants",
+                        lambda configs, data: ({name: 0.25 for name in configs}, 1e-5))
     assert demo.fit_steps_to_budget(configs, data, budget_seconds=3600) == 300
-    # predicted(s) = s + (s // 50 + 1) * 32768e-5 + 128000e-5: 200 steps need 202.9 s, 190 fit.
-    assert demo.fit_steps_to_budget(configs, data, budget_seconds=200) == 190
+    # predicted(s) = 1.2 * (s + (s // 50 + 1) * 32768e-5 + 128000e-5):
+    # 170 steps need 1.2 * 172.6 = 207.1 s, 160 steps 1.2 * 162.6 = 195.1 s.
+    assert demo.fit_steps_to_budget(configs, data, budget_seconds=200) == 160
     assert "lowered from 300" in capsys.readouterr().out
     assert demo.fit_steps_to_budget(configs, data, budget_seconds=1) == demo.MIN_AUTO_STEPS
 

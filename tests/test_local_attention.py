@@ -31,7 +31,8 @@ def definition(q, k, v, window):
     rows = []
     for i in range(n_queries):
         position = n_keys - n_queries + i
-        allowed = [j for j in range(n_keys) if 0 <= position - j and (window is None or position - j < window)]
+        allowed = [j for j in range(n_keys)
+                   if 0 <= position - j and (window is None or position - j < window)]
         keys, values = k[:, :, allowed], v[:, :, allowed]
         scores = torch.einsum("bhd,bhjd->bhj", q[:, :, i], keys) / math.sqrt(dim)
         rows.append(torch.einsum("bhj,bhjd->bhd", torch.softmax(scores, dim=-1), values))
@@ -62,15 +63,16 @@ def assert_matches_definition(backend, q, k, v, window, tol=1e-10):
 @given(data=st.data(), backend=st.sampled_from(EXACT_BACKENDS),
        # the chunked loop's step size: 1 (one block per step, in place), small, the default
        group_elements=st.sampled_from([1, 300, module._GROUP_ELEMENTS]))
-def test_backends_equal_definition_forward_and_gradients(data, backend, group_elements, monkeypatch):
+def test_backends_equal_definition_forward_and_gradients(data, backend, group_elements):
     b = data.draw(st.integers(1, 2), label="batch")
     h = data.draw(st.integers(1, 3), label="heads")
     n_keys = data.draw(st.integers(1, 70), label="n_keys")
     n_queries = data.draw(st.one_of(st.just(n_keys), st.integers(1, n_keys)), label="n_queries")
     d = data.draw(st.integers(1, 8), label="head_dim")
     window = data.draw(st.one_of(st.none(), st.integers(1, 80)), label="window")
-    monkeypatch.setattr(module, "_GROUP_ELEMENTS", group_elements)
-    assert_matches_definition(backend, *random_inputs(b, h, n_queries, n_keys, d), window)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_GROUP_ELEMENTS", group_elements)
+        assert_matches_definition(backend, *random_inputs(b, h, n_queries, n_keys, d), window)
 
 
 EDGE_CASES = {  # (n_queries, n_keys, window)
@@ -96,13 +98,18 @@ def test_edge_cases(backend, case):
 
 
 @pytest.mark.parametrize("backend", ("chunked", "auto"))
-def test_long_sequence_float32(backend):
-    """Past the dense limit of `auto` and long enough for the chunked loop to take several
-    in-place steps per head at the default step size; float32 against float64."""
-    n, window = 1400, 128
+def test_long_sequence_float32(backend, monkeypatch):
+    """Past the dense limit of `auto`, and long enough for the chunked loop to take a step that
+    reads and writes the tensors in place (overlapping key windows as strided views) between
+    the first and last steps, which copy into padded scratch memory; float32 vs float64."""
+    n, window = 3000, 128
     q, k, v = random_inputs(1, 1, n, n, 8, torch.float32)
     assert n * n > module._DENSE_LIMIT
+    in_place = []
+    is_direct = module._Band.is_direct
+    monkeypatch.setattr(module._Band, "is_direct", lambda *a: in_place.append(is_direct(*a)) or in_place[-1])
     assert_matches_definition(backend, q, k, v, window, tol=2e-5)
+    assert True in in_place and False in in_place
 
 
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
@@ -149,7 +156,8 @@ def test_bad_window_is_a_user_error(window):
 
 def test_unknown_backend_is_a_user_error():
     q = torch.randn(1, 1, 4, 2)
-    with pytest.raises(UserError, match=r"backend='triton'.*allowed: auto, reference, chunked, flex") as error:
+    allowed = r"backend='triton'.*allowed: auto, reference, chunked, flex"
+    with pytest.raises(UserError, match=allowed) as error:
         local_attention(q, q, q, 2, backend="triton")
     assert "\n" not in str(error.value)
 
@@ -197,7 +205,8 @@ def test_flex_forward_on_cpu_equals_definition():
         pytest.skip("flex on CPU compiles C++ and no C++ compiler was found")
     from torch._dynamo.exc import BackendCompilerFailed
 
-    q, k, v = (t.detach().float() for t in random_inputs(1, 2, 37, 50, 16))
+    # inputs that require grad, as in a model evaluated under no_grad (flex refuses them on CPU)
+    q, k, v = (t.detach().float().requires_grad_() for t in random_inputs(1, 2, 37, 50, 16))
     try:
         with torch.no_grad():
             out = local_attention(q, k, v, 16, backend="flex")
@@ -236,3 +245,13 @@ def test_local_attention_package_window_size_w_sees_w_plus_1_keys():
     theirs = _package(4)(q, k, v)
     torch.testing.assert_close(theirs, local_attention(q, k, v, 5, "chunked"), atol=1e-10, rtol=1e-10)
     assert (theirs - local_attention(q, k, v, 4, "chunked")).abs().max() > 1e-3
+
+
+def test_chunked_refuses_double_backward():
+    """The chunked backward is not itself differentiable: say so instead of a wrong result."""
+    q, k, v = random_inputs(1, 1, 40, 40, 4)
+    out = local_attention(q, k, v, 8, "chunked")
+    grad = torch.randn_like(out, requires_grad=True)
+    (dq,) = torch.autograd.grad(out, (q,), grad, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()

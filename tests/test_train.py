@@ -340,3 +340,22 @@ def test_commands_in_docs_parse():
     assert len(lines) >= 5
     for line in lines:
         build_parser().parse_args(shlex.split(line)[1:])
+
+
+def test_thread_watch_drops_to_one_thread_when_steps_slow_down():
+    from resstream.train.trainer import _ThreadWatch
+
+    torch.set_num_threads(2)  # the autouse fixture restores the thread count
+    messages: list[str] = []
+    watch = _ThreadWatch(messages.append)
+    for seconds in (1.0, 0.2, 0.2, 0.2, 0.25, 0.3, 0.2):  # first step slow, then steady
+        watch.observe(seconds)
+    assert torch.get_num_threads() == 2 and not messages
+    for seconds in (2.0, 2.5, 3.0):  # ten times slower: cores are busy
+        watch.observe(seconds)
+    assert torch.get_num_threads() == 1 and "continuing with 1 thread" in messages[0]
+    torch.set_num_threads(2)
+    with_reference = _ThreadWatch(messages.append, reference=0.1)
+    for seconds in (0.5, 0.5, 0.5):
+        with_reference.observe(seconds)
+    assert torch.get_num_threads() == 1

@@ -55,6 +55,9 @@ DEMO_DEFAULTS = {
 # shorter demo instead of a late one. The same step count is used for every variant.
 DEFAULT_TIME_BUDGET_MIN = 12.0
 MIN_AUTO_STEPS = 20
+# Real runs were measured up to ~25% slower than the timing run predicts (which repeats one
+# batch and skips clipping, logging and data loading); predictions are scaled by this factor.
+TIMING_SAFETY = 1.2
 
 # nanoGPT's CPU recipe for shakespeare_char (README: 4 layers, width 128, context 64, batch 12,
 # 2000 iterations) reaches a validation loss of about 1.88 nats per character. Orientation only:
@@ -82,7 +85,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", default=DEMO_DEFAULTS["data"]["source"],
                         help="'shakespeare' (default), a .txt file or folder, or hf:NAME")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"optimizer steps per variant (default: {DEMO_DEFAULTS['train']['steps']}, "
+                        help=f"optimizer steps per variant (default: "
+                             f"{DEMO_DEFAULTS['train']['steps']}, "
                              "fewer if a short timing run predicts the time budget would be "
                              "exceeded; an explicit value is used as given)")
     parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_MIN,
@@ -167,9 +171,10 @@ def run_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)  # before timing, so the timing matches the runs
     configs = {name: config.with_overrides({"train.threads": threads})
                for name, config in configs.items()}
+    step_seconds: dict[str, float] = {}  # timed step per variant, the slowdown reference
     if args.steps is None:
         steps = fit_steps_to_budget(configs, data, args.time_budget * 60.0
-                                    - (time.perf_counter() - started))
+                                    - (time.perf_counter() - started), step_seconds)
         configs = {name: config.with_overrides({"train.steps": steps})
                    for name, config in configs.items()}
         first = configs[variants[0]]
@@ -179,7 +184,9 @@ def run_demo(args: argparse.Namespace) -> int:
     results = []
     for index, variant in enumerate(variants, start=1):
         trainer = Trainer(configs[variant], out / variant, data=data,
-                          progress_label=f"[{index}/{len(variants)}] {variant}")
+                          progress_label=f"[{index}/{len(variants)}] {variant}",
+                          adaptive_threads=args.threads is None,
+                          reference_step_seconds=step_seconds.get(variant))
         results.append(_variant_result(variant, trainer.run()))
     table = format_table(results)
     print()
@@ -189,12 +196,16 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit_steps_to_budget(configs: dict, data, budget_seconds: float) -> int:
+def fit_steps_to_budget(configs: dict, data, budget_seconds: float,
+                        step_seconds: dict | None = None) -> int:
     """The default step count, lowered (in tens, to at least MIN_AUTO_STEPS) if timing each
     variant (3 training steps and one evaluation batch, after warm-up) predicts that training
     plus evaluation would overrun `budget_seconds`."""
     default = next(iter(configs.values())).train.steps
-    seconds_per_step, seconds_per_eval_token = _time_variants(configs, data)
+    per_variant, seconds_per_eval_token = _time_variants(configs, data)
+    if step_seconds is not None:
+        step_seconds.update(per_variant)
+    seconds_per_step = sum(per_variant.values())
     first = next(iter(configs.values()))
     eval_every = first.train.eval_every or default
     seq_len = first.seq_len
@@ -205,7 +216,7 @@ def fit_steps_to_budget(configs: dict, data, budget_seconds: float) -> int:
     def predicted(steps: int) -> float:
         evals = steps // eval_every + 1  # step 0 and every eval_every steps
         eval_tokens = evals * periodic_tokens + final_tokens
-        return steps * seconds_per_step + eval_tokens * seconds_per_eval_token
+        return TIMING_SAFETY * (steps * seconds_per_step + eval_tokens * seconds_per_eval_token)
 
     steps = default
     while steps > MIN_AUTO_STEPS and predicted(steps) > budget_seconds:
@@ -241,15 +252,15 @@ def choose_threads(config, data) -> int:
     return best
 
 
-def _time_variants(configs: dict, data) -> tuple[float, float]:
-    """(seconds per training step summed over variants, seconds per evaluated token summed
-    over variants), timed after warm-up steps so that first-call costs are left out."""
-    step_total, eval_total = 0.0, 0.0
-    for config in configs.values():
+def _time_variants(configs: dict, data) -> tuple[dict[str, float], float]:
+    """({variant: seconds per training step}, seconds per evaluated token summed over
+    variants), timed after warm-up steps so that first-call costs are left out."""
+    step_seconds, eval_total = {}, 0.0
+    for name, config in configs.items():
         model = _timing_model(config)
-        step_total += _time_training_step(config, data, warmup=2, timed=3, model=model)
+        step_seconds[name] = _time_training_step(config, data, warmup=2, timed=3, model=model)
         eval_total += _time_eval_token(model, config, data)
-    return step_total, eval_total
+    return step_seconds, eval_total
 
 
 def _timing_model(config):
@@ -374,14 +385,16 @@ def summary_markdown(results: list[VariantResult], configs: dict, total_seconds:
         f"Preset `{first.preset}`, data `{first.data.source}`, seed {first.train.seed}, "
         f"{first.train.steps} steps of {first.data.batch_size} x {first.seq_len} tokens "
         f"({results[0].tokens:,} training tokens per variant), same data order for every "
-        f"variant. Total wall time {_duration(total_seconds)}.",
+        f"variant. Total wall time {_duration(total_seconds)}"
+        f"{f' with {first.train.threads} torch thread(s)' if first.train.threads else ''}.",
         "",
         "| variant | what changes | val bpb | params | tokens/s | wall time |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(f"| {r.variant} | {VARIANT_TITLES[r.variant]} | {r.val_bpb:.4f} | "
-                     f"{r.parameters:,} | {r.tokens_per_second:,.0f} | {_duration(r.wall_seconds)} |")
+                     f"{r.parameters:,} | {r.tokens_per_second:,.0f} | "
+                     f"{_duration(r.wall_seconds)} |")
     nanogpt_bpb = NANOGPT_CPU_VAL_NATS_PER_CHAR / 0.6931471805599453
     lines += [
         "",

@@ -22,7 +22,10 @@ Variants:
                    (needs w >= 2; skipped if the package is not installed)
 Repeats are interleaved (repeat r times every variant once, in turn), so a slow phase of a shared
 machine hits every variant alike; we report the minimum over repeats (interference from other
-processes only ever adds time; ratios and goals use it) and the median next to it. Each variant's
+processes only ever adds time; ratios and goals use it) and the median next to it. The header
+gives the 1-min load average: on a 2-core machine where another process keeps one core busy,
+2-thread runs of code made of many small ops (chunked) wait on their second thread at every op;
+--threads 1 measures the kernels without that effect. Each variant's
 forward output is compared with chunked's ("max |diff|"), so the table also shows they compute
 the same function.
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -94,10 +98,11 @@ def build_variants(n: int, args, elem_bytes: int, device) -> list[Variant]:
         cpu = device.type == "cpu"
         variants.append(Variant("flex", lambda q, k, v: local_attention(q, k, v, window, "flex"),
                                 backward=not cpu, note="forward only (no CPU backward)" if cpu else ""))
-    variants.append(Variant("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    sdpa = F.scaled_dot_product_attention
+    variants.append(Variant("sdpa_causal", lambda q, k, v: sdpa(q, k, v, is_causal=True),
                             note="full causal: no window", same_function=False))
     band = local_attention_mask(n, n, window, device)
-    variants.append(Variant("sdpa_band_mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=band)))
+    variants.append(Variant("sdpa_band_mask", lambda q, k, v: sdpa(q, k, v, attn_mask=band)))
     variants.append(_package_variant(window))
     return variants
 
@@ -165,6 +170,7 @@ def summarize(results: dict[int, list[Variant]], args, device) -> dict:
                     stats["min_ms"] / chunked[mode]["min_ms"] if stats and chunked[mode] else None)
             rows.append(row)
     result = {"device": str(device), "threads": torch.get_num_threads(), "window": args.window,
+              "load_average_1min": {"start": args.load_start, "end": _load()},
               "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
               "repeats": args.repeats, "rows": rows}
     result["goals"] = check_goals(rows, max(results))
@@ -186,6 +192,18 @@ def check_goals(rows: list[dict], n: int) -> list[dict]:
     return goals
 
 
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _loads(result: dict) -> str:
+    load = result["load_average_1min"]
+    return f"{load['start']} at start, {load['end']} at end"
+
+
 def _cell(stats: dict | None) -> str:
     return "-" if stats is None else f"{stats['min_ms']:.1f} ({stats['median_ms']:.1f})"
 
@@ -198,7 +216,8 @@ def to_markdown(result: dict) -> str:
     lines = [f"local attention, window {result['window']}, B={result['batch']}, H={result['heads']}, "
              f"D={result['head_dim']}, {result['device']}, {result['threads']} thread(s), "
              f"min (median) of {result['repeats']} interleaved repeats; speed-up = variant time / "
-             f"chunked time", ""]
+             f"chunked time; 1-min load average {_loads(result)} (other processes on the machine "
+             f"slow down multi-threaded runs of many small ops most)", ""]
     headers = ["N", "variant", "fwd ms", "fwd+bwd ms", "chunked speed-up fwd",
                "chunked speed-up fwd+bwd", "max |diff| vs chunked", "note"]
     rows = []
@@ -239,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
+    args.load_start = _load()
     results = {n: _run_size(n, args, device, torch.float32) for n in sorted(set(sizes))}
     result = summarize(results, args, device)
     print(json.dumps(result, indent=2) if args.format == "json" else to_markdown(result))

@@ -233,7 +233,10 @@ def source_fingerprint(spec: str) -> str | None:
     spec = spec.strip()
     if spec.startswith("hf:"):
         return None
-    names, files = _shakespeare_named_files() if spec == DEFAULT_SOURCE else _local_named_files(spec)
+    if spec == DEFAULT_SOURCE:
+        names, files = _shakespeare_named_files()
+    else:
+        names, files = _local_named_files(spec)
     hasher = hashlib.sha256()
     for name, file in zip(names, files):
         _hash_document(hasher, name, file.read_bytes())

@@ -13,16 +13,30 @@ attends to window_size + 1 keys, so its window_size=w-1 is our window=w.
 
 Backends, all computing the same function:
   reference  dense band mask, materialises Nq x Nk scores (tests, tiny inputs)
-  chunked    queries in blocks of b rows; block c reads the (m+1)*b keys that end with it, where
-             m = ceil(window / b), under a fixed band mask: O(N * window) time, O(N * D) memory.
-             A custom autograd function recomputes the probabilities in the backward pass
-             (flash-attention style) and works through a few blocks at a time in reused buffers,
-             so the scores stay in cache and no large temporary is ever allocated. Pure PyTorch:
-             forward and backward on any device. When the window covers every key it is plain
-             causal attention and SDPA does it.
-  flex       torch.nn.attention.flex_attention with a sliding-window BlockMask, compiled
+  chunked    O(N * window) time, O(N * D) extra memory, forward and backward on any device, pure
+             PyTorch (no compile). Queries go in blocks of b = min(64, ceil(window / 2)) rows;
+             block c reads the S = (m+1)*b keys that end with it (m = ceil(window / b)) under
+             one fixed band mask, so a block reads 1.5 windows of keys rather than the 2 of
+             "attend to your block and the previous one". A custom autograd function saves only
+             q, k, v and the output and recomputes the probabilities in the backward pass
+             (flash-attention style: dS = P * (dO V^T - rowsum(dO * O))). The loop takes a few
+             blocks of one head per step, sized so the step's scores (1 MiB) stay in cache: the
+             key windows of a step are overlapping strided views of k and v and the results are
+             written straight into the outputs (no copies); only the first and last steps,
+             which touch rows outside the tensors, go through zero-padded scratch memory that
+             every step reuses (fresh large temporaries cost page faults). Key gradients are
+             accumulated with baddbmm_ per shift, the newest shift writing, so they need no
+             zero-fill. When the window covers every key the call is plain causal attention and
+             goes to SDPA.
+  flex       torch.nn.attention.flex_attention with a sliding-window BlockMask, compiled per shape
              (GPUs; CPU inference only: flex has no CPU backward in torch 2.13)
-  auto       reference when the score matrix is small, else flex on CUDA, else chunked
+  auto       drops the keys no query can see, then: reference when the score matrix is small,
+             flex on CUDA, else chunked
+
+Measured on 2 CPU cores (B=1, H=8, D=64, window 128, N=16384, float32, `resstream bench
+attention`): chunked forward+backward about 280 ms, against about 5.1 s for full causal SDPA and
+1.9 s for the `local-attention` package. The earlier version (SDPA over [block, 2 blocks] with a
+band mask, all blocks at once) took about 1.65 s there.
 """
 from __future__ import annotations
 
@@ -32,6 +46,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from resstream.errors import UserError
 
@@ -316,6 +331,7 @@ class _BandAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward writes into scratch memory: no double backward
     def backward(ctx, dout):
         q, k, v, out = ctx.saved_tensors
         dq, dk, dv = _band_backward(ctx.band, q, k, v, out, dout, ctx.scale)
@@ -332,8 +348,13 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float) 
         mask = local_attention_mask(n_queries, n_keys, None, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     flat = lambda x: x.reshape(b * h, x.shape[2], d)  # noqa: E731
-    out = _BandAttention.apply(flat(q), flat(k), flat(v), window, scale)
+    out = _band_attention(flat(q), flat(k), flat(v), window, scale)
     return out.view(b, h, n_queries, d)
+
+
+@torch.compiler.disable  # under torch.compile: a graph break, not an unrolled loop of steps
+def _band_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> Tensor:
+    return _BandAttention.apply(q, k, v, window, scale)
 
 
 # -------------------------------------------------------------------------------------- flex
@@ -373,8 +394,9 @@ def _flex_block_mask(n_queries: int, n_keys: int, window: int | None, device: st
 def _flex(q: Tensor, k: Tensor, v: Tensor, window: int | None, scale: float) -> Tensor:
     if not _flex_available():
         raise UserError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
-    if q.device.type == "cpu" and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad):
+    if not torch.is_grad_enabled():  # flex refuses CPU inputs that require grad even then
+        q, k, v = q.detach(), k.detach(), v.detach()
+    elif q.device.type == "cpu" and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise UserError("backend='flex' has no CPU backward in this torch; use backend='chunked' for training on CPU")
     mask = _flex_block_mask(q.shape[2], k.shape[2], window, str(q.device))
     return _compiled_flex()(q, k, v, block_mask=mask, scale=scale)

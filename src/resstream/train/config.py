@@ -302,7 +302,8 @@ def _model_section(values: Any) -> dict[str, Any]:
         raise UserError(f"unknown config key(s) {', '.join(f'model.{k}' for k in unknown)}; "
                         f"valid keys in model: {', '.join(valid)}")
     hints = typing.get_type_hints(ModelConfig)
-    return {key: _coerce(value, hints.get(key, Any), f"model.{key}") for key, value in values.items()}
+    return {key: _coerce(value, hints.get(key, Any), f"model.{key}")
+            for key, value in values.items()}
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",

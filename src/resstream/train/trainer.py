@@ -121,7 +121,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
                  overwrite: bool = False, data: PreparedData | None = None,
                  progress_label: str | None = None, log: Callable[[str], None] | None = None,
-                 argv: list[str] | None = None):
+                 argv: list[str] | None = None, adaptive_threads: bool = False,
+                 reference_step_seconds: float | None = None):
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other; allowed: one of them")
         self.config = config
@@ -132,6 +133,10 @@ class Trainer:
         self.progress_label = progress_label or self.run_dir.name
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.argv = argv
+        # Demo only (it changes numerics, so exact resume is off): drop to one thread if steps
+        # become several times slower than at the start, the sign of cores taken by other work.
+        self.thread_watch = (_ThreadWatch(self.log, reference_step_seconds)
+                             if adaptive_threads else None)
         self.model_config = config.model_config()
         self.seq_len = config.data.seq_len or self.model_config.max_seq_len
         if self.seq_len > self.model_config.max_seq_len:
@@ -155,7 +160,8 @@ class Trainer:
         """Refuse a non-empty folder unless resuming or overwriting a resstream run."""
         run_dir = self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"run folder {str(run_dir)!r} is a file; allowed: a new or empty folder")
+            raise UserError(f"run folder {str(run_dir)!r} is a file; allowed: a new or empty "
+                            "folder")
         occupied = run_dir.is_dir() and any(run_dir.iterdir())
         if self.resume:
             if not occupied or ckpt.latest_checkpoint(run_dir) is None:
@@ -266,7 +272,10 @@ class Trainer:
                 step += 1
                 tokens_seen += tokens_per_step
                 trained_tokens += tokens_per_step
-                train_seconds += time.perf_counter() - started
+                step_seconds = time.perf_counter() - started
+                train_seconds += step_seconds
+                if self.thread_watch is not None:
+                    self.thread_watch.observe(step_seconds)
                 last_loss = loss
                 tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -414,6 +423,45 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+class _ThreadWatch:
+    """Switch torch to one thread when training steps slow down several-fold.
+
+    On a machine whose cores get busy with other work, each multi-threaded kernel waits for its
+    slowest thread, and steps can become ten times slower; one thread then runs much faster.
+    The reference is a step time measured beforehand (the demo's timing run) or else the median
+    of this run's steps 2-4 (step 1 pays one-off costs)."""
+
+    SLOWDOWN = 3.0
+    WINDOW = 3
+
+    def __init__(self, log, reference: float | None = None):
+        self.log = log
+        self.times: list[float] = []
+        self.reference = reference
+
+    def observe(self, seconds: float) -> None:
+        self.times.append(seconds)
+        if self.reference is None:
+            if len(self.times) == 1 + self.WINDOW:
+                self.reference = _median(self.times[1:])
+            return
+        if len(self.times) < self.WINDOW:
+            return
+        threads = torch.get_num_threads()
+        recent = _median(self.times[-self.WINDOW:])
+        if threads > 1 and recent > self.SLOWDOWN * self.reference:
+            torch.set_num_threads(1)
+            self.log(f"\nwarning: steps slowed from {self.reference:.2f} s to {recent:.2f} s "
+                     f"with {threads} threads (busy machine?); continuing with 1 thread")
+            self.times.clear()
+            self.reference = None  # re-measure at one thread
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
     """torch.compile(model) when asked; any failure (here or at the first step) falls back to
