@@ -64,7 +64,8 @@ def test_hf_generate_matches_resstream_generate(tmp_path, no_network, depth, mix
     if depth not in list_depth_operators():
         pytest.skip(f"{depth} is not registered")
     model = build(depth, mixer, depth_options=depth_options)
-    rhf.save_model(model, tmp_path)  # our writer, read back by HF
+    rhf.save_model(model, tmp_path)  # our writer (no transformers needed), read back by HF
+    rhf.register()  # what a user does once per process before AutoModelForCausalLM.from_pretrained
     hf_model = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, 64, (2, 7))
     ours = torch.tensor(model.generate(ids, 9, temperature=0).tokens)

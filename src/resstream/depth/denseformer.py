@@ -37,16 +37,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from resstream.depth.base import DepthOperator
+from resstream.depth.weighting import weighted_sum
 from resstream.options import require
 from resstream.registry import register_depth_operator
-
-
-def weighted_sum(weights: Tensor, tensors: list[Tensor]) -> Tensor:
-    """sum_j weights[j] * tensors[j], as one stack and one matrix-vector product."""
-    weights = weights.to(tensors[0].dtype)
-    if len(tensors) == 1:
-        return weights[0] * tensors[0]
-    return torch.tensordot(weights, torch.stack(tensors), dims=1)
 
 
 @dataclass

@@ -40,23 +40,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from resstream.depth.weighting import softmax_weights, weighted_sum
 from resstream.depth.base import DepthOperator
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
 SOURCES = ("cumulative", "delta")
-
-
-def softmax_weights(logits: Tensor, dtype: torch.dtype) -> Tensor:
-    """softmax in at least float32, cast to the activations' dtype."""
-    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).to(dtype)
-
-
-def weighted_sum(weights: Tensor, tensors: list[Tensor]) -> Tensor:
-    if len(tensors) == 1:
-        return weights[0] * tensors[0]
-    return torch.tensordot(weights, torch.stack(tensors), dims=1)
 
 
 @dataclass
