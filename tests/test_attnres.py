@@ -7,7 +7,8 @@ import torch
 from resstream.depth.attnres import NormalizedScores, SoftmaxMerge
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
+                               perturb_parameters, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -167,14 +168,7 @@ def test_every_learned_weight_matters(depth, options):
     params = dict(model.depth.named_parameters())
     # query and key norm per sublayer read except the first (one source) + the final read
     assert len(params) == 2 * (2 * 3 - 1 + 1)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        before = model(IDS)
-        for name, p in params.items():
-            noise = torch.randn(p.shape, generator=gen) * 0.5
-            p.add_(noise)
-            assert (model(IDS) - before).abs().max() > 1e-4, name
-            p.sub_(noise)
+    assert_each_parameter_changes_output(model, IDS, params)
 
 
 @pytest.mark.parametrize("depth", ["attnres", "block_attnres"])

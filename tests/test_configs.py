@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from resstream.demo import DEMO_DEFAULTS
 from resstream.train.config import TrainConfig, load_config_file
@@ -15,13 +14,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("RESSTREAM_DATA_CACHE", str(tmp_path / "data_cache"))
-    yield
-    torch.set_num_threads(threads)
+# one torch thread per worker comes from conftest.py
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 def test_configs_exist():

@@ -6,7 +6,8 @@ import torch
 
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
+                               perturb_parameters, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
 
@@ -175,14 +176,7 @@ def test_every_learned_weight_matters(options, n_params):
     model = build(options, dtype=torch.float32)
     params = dict(model.depth.named_parameters())
     assert len(params) == n_params
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        before = model(IDS)
-        for name, p in params.items():
-            noise = torch.randn(p.shape, generator=gen) * 0.5
-            p.add_(noise)
-            assert (model(IDS) - before).abs().max() > 1e-4, name
-            p.sub_(noise)
+    assert_each_parameter_changes_output(model, IDS, params)
 
 
 def test_no_active_layer_is_the_standard_model():

@@ -11,13 +11,8 @@ from resstream.demo import DEMO_DEFAULTS, VARIANTS, new_demo_dir, parse_variants
 from resstream.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("RESSTREAM_DATA_CACHE", str(tmp_path / "data_cache"))
-    yield
-    torch.set_num_threads(threads)
+# one torch thread per worker comes from conftest.py
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 def test_tiny_demo_end_to_end(tmp_path, capsys):
@@ -91,7 +86,7 @@ def test_default_steps_shrink_to_fit_the_time_budget(monkeypatch, capsys):
 def test_one_thread_is_chosen_only_when_clearly_faster(monkeypatch, capsys):
     from resstream import demo
 
-    torch.set_num_threads(2)  # the autouse fixture restores the thread count
+    torch.set_num_threads(2)  # conftest's autouse fixture restores the thread count
     timings = {1: 1.0, 2: 0.6}
     monkeypatch.setattr(demo, "_time_training_step",
                         lambda config, data, warmup, timed, give_up_after=None:

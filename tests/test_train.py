@@ -27,14 +27,8 @@ FAST = ["--preset", "tiny", "--no-progress", "--data.seq_len=32", "--data.batch_
         "--train.eval_tokens=512", "--train.final_eval_tokens=512", "--train.threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(monkeypatch, tmp_path):
-    """One torch thread (tests run two workers on two cores) and a data cache per test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("RESSTREAM_DATA_CACHE", str(tmp_path / "data_cache"))
-    yield
-    torch.set_num_threads(threads)
+# one torch thread per worker comes from conftest.py
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 @pytest.fixture(scope="module")

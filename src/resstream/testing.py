@@ -48,3 +48,19 @@ def perturb_parameters(model: torch.nn.Module, scale: float = 0.02, seed: int = 
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+
+
+def assert_each_parameter_changes_output(model: torch.nn.Module, inputs: torch.Tensor,
+                                         params: dict[str, torch.nn.Parameter], scale: float = 0.5,
+                                         threshold: float = 1e-4, seed: int = 5) -> None:
+    """Perturb each parameter in turn (then restore it) and assert the output moves by more than
+    `threshold`: catches mixing weights that are computed but never applied."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        before = model(inputs)
+        for name, param in params.items():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale
+            param.add_(noise)
+            moved = (model(inputs) - before).abs().max()
+            param.sub_(noise)
+            assert moved > threshold, f"perturbing {name} does not change the output"
