@@ -8,7 +8,7 @@ from resstream.depth.attnres import NormalizedScores, SoftmaxMerge
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
 from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
-                               perturb_parameters, tiny_config)
+                               cached_logits, perturb_parameters, run_operator_hooks, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
@@ -185,20 +185,7 @@ def test_incremental_decoding_matches_full_forward(depth, changes):
     model = build(depth, **changes)  # float64: T=1 and T=7 kernels round differently in float32
     with torch.no_grad():
         full = model(IDS)
-        cache = model.new_cache(IDS.shape[0])
-        steps = [model(IDS[:, :3], cache=cache)] + [model(IDS[:, t:t + 1], cache=cache)
-                                                    for t in range(3, IDS.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
-
-
-def run_hooks(op, x0, outputs):
-    """Drive the operator's hooks with given sublayer outputs (identity pre-norm)."""
-    state = op.init_state(x0, None)
-    reads = []
-    for site, out in zip(op.sites, outputs):
-        reads.append(op.read(state, site, lambda x: x, None))
-        state = op.write(state, site, out, None)
-    return reads, op.finalize(state, None)
+    torch.testing.assert_close(cached_logits(model, IDS, prefill=3), full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("depth", ["attnres", "block_attnres"])
@@ -211,9 +198,9 @@ def test_depth_reads_run_in_float32_under_bfloat16_autocast(depth):
     x0 = torch.randn(2, 5, 32, generator=gen)
     outputs = [torch.randn(2, 5, 32, generator=gen).bfloat16() for _ in model.sites]
     with torch.no_grad():
-        expected_reads, expected = run_hooks(model.depth, x0, [o.float() for o in outputs])
+        expected_reads, expected = run_operator_hooks(model.depth, x0, [o.float() for o in outputs])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            reads, final = run_hooks(model.depth, x0, outputs)
+            reads, final = run_operator_hooks(model.depth, x0, outputs)
     assert final.dtype == torch.float32
     torch.testing.assert_close(final, expected, rtol=1e-6, atol=1e-6)
     for read, want in zip(reads, expected_reads):

@@ -7,7 +7,7 @@ import torch
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
 from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
-                               perturb_parameters, tiny_config)
+                               cached_logits, perturb_parameters, run_operator_hooks, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
 
@@ -94,16 +94,6 @@ def test_gradients_match_reference():
         torch.testing.assert_close(grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
 
 
-def run_hooks(op, x0, outputs):
-    """Drive the operator's hooks with given sublayer outputs and an identity pre-norm."""
-    state = op.init_state(x0, None)
-    reads = []
-    for site, out in zip(op.sites, outputs):
-        reads.append(op.read(state, site, lambda x: x, None))
-        state = op.write(state, site, out, None)
-    return reads, op.finalize(state, None)
-
-
 def test_block_deltas_are_differences_of_consecutive_boundaries():
     """Embedding 1, block deltas 10, 100, 1000 (blocks of 2 sublayers, zero queries: uniform
     weights). Correct sources: 1, 10, 100, 1000. The released code's bookkeeping (x minus the
@@ -111,7 +101,7 @@ def test_block_deltas_are_differences_of_consecutive_boundaries():
     model = build({"granularity": "block", "block_size": 2}, perturb=False)  # 3 layers, 6 sublayers
     x0 = torch.ones(1, 1, 32, dtype=torch.float64)
     outputs = [x0 * v for v in (5, 5, 50, 50, 500, 500)]
-    reads, final = run_hooks(model.depth, x0, outputs)
+    reads, final = run_operator_hooks(model.depth, x0, outputs)
     # read at sublayer 4: x = 111, sources (1, 10, 100)
     torch.testing.assert_close(reads[4], x0 * (111 + (1 + 10 + 100) / 3))
     # final read: x = 1111, sources (1, 10, 100, 1000); the bug would give 1111 + 280.5
@@ -122,7 +112,7 @@ def test_sublayer_sources_at_init_are_plain_deltas():
     model = build({}, perturb=False)
     x0 = torch.ones(1, 1, 32, dtype=torch.float64)
     outputs = [x0 * v for v in (2, 3, 4, 5, 6, 7)]
-    reads, final = run_hooks(model.depth, x0, outputs)
+    reads, final = run_operator_hooks(model.depth, x0, outputs)
     deltas = [1, 2, 3, 4, 5, 6, 7]
     for s, read in enumerate(reads):
         x = sum(deltas[:s + 1])
@@ -190,10 +180,7 @@ def test_incremental_decoding_matches_full_forward(options):
     model = build(options, local_mixer="shortswa")
     with torch.no_grad():
         full = model(IDS)
-        cache = model.new_cache(IDS.shape[0])
-        steps = [model(IDS[:, :2], cache=cache)] + [model(IDS[:, t:t + 1], cache=cache)
-                                                    for t in range(2, IDS.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cached_logits(model, IDS, prefill=2), full, rtol=1e-10, atol=1e-10)
 
 
 def test_accounting():

@@ -24,7 +24,7 @@ from resstream.depth.hyper import StreamState
 from resstream.depth.mhc import sinkhorn_knopp
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, cached_logits, perturb_parameters, tiny_config
 
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
 
@@ -347,10 +347,7 @@ def test_incremental_decoding_matches_full_forward(depth, changes):
     model = build(depth, **changes)
     with torch.no_grad():
         full = model(IDS)
-        cache = model.new_cache(IDS.shape[0])
-        steps = [model(IDS[:, :2], cache=cache)] + [model(IDS[:, t:t + 1], cache=cache)
-                                                    for t in range(2, IDS.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cached_logits(model, IDS, prefill=2), full, rtol=1e-10, atol=1e-10)
 
 
 def test_accounting_and_metadata():

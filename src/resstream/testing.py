@@ -64,3 +64,23 @@ def assert_each_parameter_changes_output(model: torch.nn.Module, inputs: torch.T
             moved = (model(inputs) - before).abs().max()
             param.sub_(noise)
             assert moved > threshold, f"perturbing {name} does not change the output"
+
+
+def cached_logits(model: ResStreamLM, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Logits of a prefill of `prefill` tokens followed by one-token cached decode steps."""
+    with torch.no_grad():
+        cache = model.new_cache(ids.shape[0])
+        steps = [model(ids[:, :prefill], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(prefill, ids.shape[1])]
+    return torch.cat(steps, 1)
+
+
+def run_operator_hooks(op, x0: torch.Tensor, outputs: list[torch.Tensor]):
+    """Drive a depth operator's hooks with given sublayer outputs and an identity pre-norm;
+    returns (what each site read, the finalised stream)."""
+    state = op.init_state(x0, None)
+    reads = []
+    for site, out in zip(op.sites, outputs):
+        reads.append(op.read(state, site, lambda x: x, None))
+        state = op.write(state, site, out, None)
+    return reads, op.finalize(state, None)
