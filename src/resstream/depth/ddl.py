@@ -71,6 +71,13 @@ def delta_update(X: Tensor, k: Tensor, beta: Tensor, v: Tensor) -> Tensor:
     return X + beta[..., None, None] * k[..., :, None] * (v - readout)[..., None, :]
 
 
+def delta_update_vector(x: Tensor, k: Tensor, beta: Tensor, v: Tensor) -> Tensor:
+    """The d_v = 1 case of `delta_update`: x' = x + beta (v - k^T x) k, x and k [..., d],
+    beta [...], v [..., 1]."""
+    readout = (k * x).sum(-1, keepdim=True)
+    return torch.addcmul(x, k, beta[..., None] * (v - readout))
+
+
 def unit_direction(h: Tensor, eps: float = EPS_K) -> Tensor:
     return h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + eps * eps)
 
@@ -264,9 +271,10 @@ class DeepDeltaLearning(DepthOperator):
         else:
             v = self.values[key](state.c)
         k = unit_direction(out)
-        X = state.X if self.value_dim > 1 else state.X[..., None]
-        X = delta_update(X, k, beta, v)
-        state.X = X if self.value_dim > 1 else X[..., 0]
+        if self.value_dim == 1:  # vector state: same update without the d_v axis (fewer ops)
+            state.X = delta_update_vector(state.X, k, beta, v)
+        else:
+            state.X = delta_update(state.X, k, beta, v)
         return state
 
     def finalize(self, state, ctx):
