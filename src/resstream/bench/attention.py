@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, measure
+from resstream.bench.timing import format_table, measure, resolve_device
 from resstream.errors import UserError
 from resstream.ops import local_attention, local_attention_mask
 from resstream.ops.local_attention import _flex_available
@@ -255,8 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         _positive(args, "threads")
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     args.load_start = _load()
     results = {n: _run_size(n, args, device, torch.float32) for n in sorted(set(sizes))}

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from resstream.bench.timing import format_table
+from resstream.bench.timing import format_table, resolve_device
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 
@@ -368,8 +368,7 @@ def run(args: argparse.Namespace) -> int:
     contexts = sorted({min(c, shape["max_seq_len"] - 1) for c in contexts})
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     base = ModelConfig(vocab_size=256, **shape)
     result = run_benchmark(base, names, contexts, args.batch_size, repeats, steps, device, dtype)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table
+from resstream.bench.timing import format_table, resolve_device
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.registry import DEPTH_OPERATORS
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError(f"--threads={args.threads} is invalid; allowed: an integer >= 1")
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     overrides = parse_overrides(args.option)
     names = choose_operators(args.operators, args.quick)
     unknown = sorted(set(overrides) - set(names))

@@ -23,6 +23,13 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_tim
     return statistics.median(times)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The benchmarks' --device flag: "auto" is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
     """A plain aligned text table (also valid Markdown)."""
     cells = [[str(c) for c in row] for row in [headers] + rows]
