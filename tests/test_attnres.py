@@ -180,23 +180,27 @@ def test_no_active_layer_is_the_standard_model(depth):
 
 
 @pytest.mark.parametrize("depth,changes", [("attnres", {}),
-                                           ("block_attnres", {"local_mixer": "shortswa"})])
+                                           ("block_attnres", {"local_mixer": "shortswa"}),
+                                           ("attnres", {"depth_layers": [1]}),
+                                           ("block_attnres", {"depth_layers": [0, 2]})])
 def test_incremental_decoding_matches_full_forward(depth, changes):
+    """Prefill takes the general two-phase path, the one-token steps the decode path."""
     model = build(depth, **changes)  # float64: T=1 and T=7 kernels round differently in float32
     with torch.no_grad():
         full = model(IDS)
     torch.testing.assert_close(cached_logits(model, IDS, prefill=3), full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("tokens", [5, 1])  # 1 token without autograd: the decode path
 @pytest.mark.parametrize("depth", ["attnres", "block_attnres"])
-def test_depth_reads_run_in_float32_under_bfloat16_autocast(depth):
+def test_depth_reads_run_in_float32_under_bfloat16_autocast(depth, tokens):
     """Under autocast the sublayers emit bfloat16; the depth reads must still be float32 math.
     (Hook-level: bfloat16 Linear layers crash on this CI's CPU even for `standard`.)"""
     model = build(depth, {"block_size": 3} if depth == "block_attnres" else {},
                   dtype=torch.float32)
     gen = torch.Generator().manual_seed(3)
-    x0 = torch.randn(2, 5, 32, generator=gen)
-    outputs = [torch.randn(2, 5, 32, generator=gen).bfloat16() for _ in model.sites]
+    x0 = torch.randn(2, tokens, 32, generator=gen)
+    outputs = [torch.randn(2, tokens, 32, generator=gen).bfloat16() for _ in model.sites]
     with torch.no_grad():
         expected_reads, expected = run_operator_hooks(model.depth, x0, [o.float() for o in outputs])
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -27,8 +27,9 @@ What is measured, per context length c (capped at max_seq_len - 1):
     DDL's TC/EC) is in the measured value only.
   * depth state per in-flight token: the largest total size of the tensors the depth operator
     carries between sublayers (its `state`, walked recursively, parameters excluded) during
-    one decode step of one token, next to the operator's own formula
-    depth_state_vectors() x d x b.
+    one decode step, for 2 sequences minus for 1 (what a forward holds once, whatever the
+    batch, such as pseudo-queries folded from the parameters, cancels), next to the
+    operator's own formula depth_state_vectors() x d x b.
   * recompute: the baseline's full forward over c = 1024 tokens without a cache, i.e. what one
     new token costs without incremental decoding.
 Goals (issue): shortswa_only's per-token latency grows <= 10% from 1024 to 16384 while the
@@ -146,9 +147,11 @@ def _tensor_storages(obj, found: dict, skip: set, seen: set) -> None:
             _tensor_storages(value, found, skip, seen)
 
 
-def depth_state_bytes_per_token(model, token: torch.Tensor, cache) -> int:
-    """Largest size of the depth operator's state between sublayers during one decode step."""
+def depth_state_peak_bytes(model, batch: int, device) -> int:
+    """Largest total size of the depth operator's state between sublayers during one decode
+    step of `batch` sequences (one token each, at position 0 of a fresh cache)."""
     op = model.depth
+    cache = model.new_cache(batch, 1)
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     skip |= {t.untyped_storage().data_ptr() for t in cache.tensors()}
     peak = [0]
@@ -164,10 +167,17 @@ def depth_state_bytes_per_token(model, token: torch.Tensor, cache) -> int:
     op.write = lambda state, site, out, ctx: record(original_write(state, site, out, ctx))
     try:
         with torch.no_grad():
-            model(token, cache=cache)
+            model(torch.zeros(batch, 1, dtype=torch.long, device=device), cache=cache)
     finally:
         del op.init_state, op.write
-    return peak[0] // token.numel()
+    return peak[0]
+
+
+def depth_state_bytes_per_token(model, device) -> int:
+    """Depth state per in-flight token: the peak state of a 2-sequence decode step minus that
+    of a 1-sequence step, so what a forward keeps once whatever the batch (e.g. pseudo-queries
+    folded from the parameters) cancels and only what scales with tokens remains."""
+    return depth_state_peak_bytes(model, 2, device) - depth_state_peak_bytes(model, 1, device)
 
 
 def time_steps(model, token: torch.Tensor, cache, context: int, steps: int, warm: int = 1) -> float:
@@ -209,8 +219,7 @@ def run_benchmark(base: ModelConfig, names: list[str], contexts: list[int], batc
                 v.times[context].append(time_steps(v.model, token, caches[v.name], context, steps))
         del caches
     for v in ready:
-        cache = filled_cache(v.model, 1, contexts[0])
-        v.state_bytes = depth_state_bytes_per_token(v.model, token[:1], cache)
+        v.state_bytes = depth_state_bytes_per_token(v.model, device)
         v.state_formula = v.model.depth.depth_state_vectors() * base.d_model * v.model.embed.weight.element_size()
     recompute = measure_recompute(ready, base, contexts, repeats, device)
     return summarize(variants, base, contexts, batch, repeats, steps, device, dtype, recompute)

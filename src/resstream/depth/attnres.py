@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator
+from resstream.depth.base import DepthOperator, is_decode_step
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
@@ -248,6 +248,9 @@ class PseudoQueryReads(DepthOperator):
                                                        else torch.zeros(d)) for _, k in reads})
         self.key_norm = nn.ParameterDict({k: nn.Parameter(torch.ones(d)) for _, k in reads})
         self.column = {key: column for column, (_, key) in enumerate(reads)}
+        # the query column of the read before each site (and the final read); None: no query
+        self.read_columns = [self.column.get(key) for key in
+                             [str(s.index) for s in sites] + ["final"]]
         self.phase_columns: dict[int, range] = {}
         for column, (index, _) in enumerate(reads):
             phase = index // self.phase_length
@@ -260,11 +263,17 @@ class PseudoQueryReads(DepthOperator):
         return index >= (1 if self.partial_is_source else self.block_size)
 
     # ---------------------------------------------------------------- depth sources
+    def folded_queries(self, dtype: torch.dtype, scale: float = 1.0) -> Tensor | None:
+        """[n_reads, d]: scale * w * g per read column, in `dtype`; (w * g)^T x_hat is
+        w^T RMSNorm_g(x). (The ParameterDicts hold the reads in column order.)"""
+        if not self.column:
+            return None
+        queries = torch.stack(list(self.query._parameters.values()))
+        norms = torch.stack(list(self.key_norm._parameters.values()))
+        return (queries * norms if scale == 1.0 else queries * norms * scale).to(dtype)
+
     def _new_state(self, x0: Tensor, keep_total: bool) -> AttnResState:
-        queries = None
-        if self.column:  # (w * g)^T x_hat = w^T RMSNorm_g(x)
-            weights = torch.stack([self.query[k] * self.key_norm[k] for k in self.column])
-            queries = weights.to(compute_dtype(x0.dtype))
+        queries = self.folded_queries(compute_dtype(x0.dtype))
         sources = DepthSources(x0.dtype, x0.device.type, queries)
         return AttnResState(sources, x0, x0, x0 if keep_total else None)
 
@@ -326,13 +335,43 @@ class PseudoQueryReads(DepthOperator):
         return (n_sites - 1) // self.block_size + 2
 
 
+@dataclass
+class DecodeSources:
+    """The depth sources of one decode step (one token per sequence): a preallocated stack
+    `values` [B, slots, d] (stream dtype) holding the `count` completed sources, followed by the
+    running partial sum when `has_partial`."""
+
+    values: Tensor
+    queries: tuple  # per read column: w * g * sqrt(d), [d] in the compute dtype
+    eps_d: float  # d * eps (the sqrt(d) of the RMS is folded into the queries)
+    total: Tensor | None  # plain sum of every source [B, 1, d], kept only for inactive reads
+    autocast: bool  # whether the step runs under autocast (the reads must not)
+    count: int = 0
+    has_partial: bool = True  # the embedding starts as the partial
+
+
+def attend_few(values: Tensor, query: Tensor, eps_d: float) -> Tensor:
+    """softmax_i(w^T RMSNorm_g(v_i)) v_i for a few sources `values` [B, m, d] of one token each,
+    with `query` = w * g * sqrt(d): w^T RMSNorm_g(v) = (w * g)^T v / sqrt(|v|^2 / d + eps)
+    = query^T v * rsqrt(|v|^2 + d * eps). Returns [B, 1, d]."""
+    logits = (values @ query) * torch.rsqrt(torch.linalg.vecdot(values, values) + eps_d)
+    return torch.bmm(torch.softmax(logits, dim=-1).unsqueeze(1), values)
+
+
 class BlockAttnResBase(PseudoQueryReads):
-    """Block AttnRes with `self.block_size` sublayers per block (1 = Full AttnRes)."""
+    """Block AttnRes with `self.block_size` sublayers per block (1 = Full AttnRes).
+
+    Decode steps (one token per sequence, no autograd) take a separate path with a handful of
+    ops per read: there the cost is per-op overhead, not memory traffic. The sources go into
+    one preallocated [B, slots, d] stack (the partial sum accumulates in place in the next free
+    slot) and each read recomputes its few logits from that stack (`attend_few`)."""
 
     paper = "Kimi Team, Attention Residuals (arXiv 2603.15031)"
     starts_at_baseline = True  # zero pseudo-queries; exact up to the norms' eps (see docstring)
 
     def init_state(self, x0, ctx):
+        if is_decode_step(x0):
+            return self._new_decode_state(x0)
         return self._new_state(x0, keep_total=self.n_inactive > 0)
 
     def _read(self, state: AttnResState, index: int, key: str | None) -> Tensor:
@@ -342,10 +381,56 @@ class BlockAttnResBase(PseudoQueryReads):
         return state.total if key is None else self._attend(state, key)
 
     def read(self, state, site, norm, ctx):
+        if isinstance(state, DecodeSources):
+            return norm(self._decode_read(state, site.index))
         return norm(self._read(state, site.index, self._key(site)))
 
+    def write(self, state, site, out, ctx):
+        if isinstance(state, DecodeSources):
+            return self._decode_write(state, out)
+        return super().write(state, site, out, ctx)
+
     def finalize(self, state, ctx):
+        if isinstance(state, DecodeSources):
+            return self._decode_read(state, len(self.sites))
         return self._read(state, len(self.sites), "final" if self.final_active else None)
+
+    # ---------------------------------------------------------------- decode path
+    def _new_decode_state(self, x0: Tensor) -> DecodeSources:
+        values = x0.new_empty(x0.shape[0], self._sources_after(len(self.sites)), x0.shape[-1])
+        values[:, :1] = x0
+        queries = self.folded_queries(compute_dtype(x0.dtype), x0.shape[-1] ** 0.5)
+        queries = () if queries is None else queries.unbind(0)
+        total = x0.clone() if self.n_inactive else None
+        return DecodeSources(values, queries, x0.shape[-1] * self.eps, total,
+                             torch.is_autocast_enabled(x0.device.type))
+
+    def _decode_read(self, state: DecodeSources, index: int) -> Tensor:
+        if index < len(self.sites) and index % self.block_size == 0:  # the partial is complete
+            state.count, state.has_partial = state.count + 1, False
+        if index == 0:
+            return state.values[:, :1]  # the embedding, the only source
+        column = self.read_columns[index]
+        if column is None:
+            return state.total
+        values = state.values[:, :state.count + state.has_partial]
+        query = state.queries[column]
+        if values.dtype == query.dtype and not state.autocast:
+            return attend_few(values, query, state.eps_d)
+        with torch.autocast(values.device.type, enabled=False):
+            return attend_few(values.to(query.dtype), query, state.eps_d).to(values.dtype)
+
+    @staticmethod
+    def _decode_write(state: DecodeSources, out: Tensor) -> DecodeSources:
+        slot = state.values[:, state.count:state.count + 1]
+        if state.has_partial:
+            slot.add_(out)
+        else:
+            slot.copy_(out)
+            state.has_partial = True
+        if state.total is not None:  # not in place: an earlier read may have returned it
+            state.total = state.total + out
+        return state
 
     def depth_state_vectors(self) -> int:
         return self._sources_after(len(self.sites))

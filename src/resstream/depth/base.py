@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -49,6 +50,17 @@ class QKVViews(NamedTuple):
     q: Tensor
     k: Tensor
     v: Tensor
+
+
+def is_decode_step(x: Tensor) -> bool:
+    """True for one new token per sequence ([B, 1, d]) with autograd off: a cached decode step.
+
+    Such a step on a small batch is bound by per-op overhead, not by memory traffic, so
+    operators may take a path with fewer (and smaller) ops there than the path built for
+    training on [B, T, d]. The decode-parity tests (prefill with the general path, then
+    token-by-token steps with this one, against a full forward) check that both agree.
+    """
+    return x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
 def build_sites(n_layers: int, kinds_per_block: tuple[str, ...]) -> list[Site]:
