@@ -4,10 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 from reference import head, norm_weight, rmsnorm, site_kinds, sublayer
 
 from resstream import ResStreamLM
-from resstream.depth.ddl import delta_update, unit_direction
+from resstream.depth.ddl import (LinearHeads, VectorDeltaWrite, delta_update, unit_direction,
+                                  vector_delta_write)
 from resstream.errors import UserError
 from resstream.testing import perturb_parameters, tiny_config
 
@@ -148,3 +150,100 @@ def test_invalid_options():
                            ({"beta_gate": "huge"}, "beta_gate"), ({"value": "x"}, "value")]:
         with pytest.raises(UserError, match=field):
             tiny_config(depth="ddl", depth_options=options)
+
+
+# ---------------------------------------------------------------- fast paths (same results)
+def random_write_inputs(shape=(2, 3), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x, h = (torch.randn(*shape, D, generator=g, dtype=dtype) for _ in range(2))
+    z, v = (torch.randn(*shape, 1, generator=g, dtype=dtype) for _ in range(2))
+    return x, h, z, v
+
+
+def test_vector_delta_write_is_the_delta_update():
+    x, h, z, v = random_write_inputs()
+    h[0, 0] = 0  # a zero sublayer output: k = 0, the state passes unchanged
+    beta = 2 * torch.sigmoid(z[..., 0])
+    expected = delta_update(x[..., None], unit_direction(h), beta, v)[..., 0]
+    torch.testing.assert_close(vector_delta_write(x, h, z, v)[0], expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vector_delta_write(x, h, z, v)[0][0, 0], x[0, 0])
+
+
+def test_custom_functions_gradcheck():
+    inputs = [t.requires_grad_() for t in random_write_inputs()]
+    assert torch.autograd.gradcheck(VectorDeltaWrite.apply, inputs)
+    g = torch.Generator().manual_seed(1)
+    c = torch.randn(2, 3, D, generator=g, dtype=torch.float64, requires_grad=True)
+    heads = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+             for shape in [(1, D), (1,), (3, D), (3,)]]
+    assert torch.autograd.gradcheck(LinearHeads.apply, [c, *heads])
+
+
+@pytest.mark.parametrize("options", [{}, {"value_dim": 3}, {"beta_gate": "mlp", "value": "code"}])
+def test_fused_nodes_match_plain_autograd(options, monkeypatch):
+    """The hand-written backward nodes give the gradients autograd gives through the plain ops,
+    and the no-grad path (prefill, decode) gives the logits of the autograd path."""
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options=options)).double()
+    perturb_parameters(model, scale=0.1)
+    ids = torch.randint(0, 64, (2, 7))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(ids)
+        logits.pow(2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, fused = logits_and_grads()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), logits, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(VectorDeltaWrite, "apply", lambda *a: vector_delta_write(*a)[0])
+    monkeypatch.setattr(model.depth, "linear_heads", False)
+    _, plain = logits_and_grads()
+    for name, grad in fused.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def run_hooks(op, x0, outputs):
+    state = op.init_state(x0, None)
+    for site, out in zip(op.sites, outputs):
+        op.read(state, site, nn.Identity(), None)
+        state = op.write(state, site, out, None)
+    return op.finalize(state, None)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_bfloat16_outputs_under_autocast(grad):
+    """Under autocast the sublayers emit bfloat16 onto the float32 stream: the write promotes
+    them (as the unfused ops did), gradients come back in each input's dtype, and the gate keeps
+    its own float32 path (the shared heads node is skipped). Hook-level: bfloat16 Linear layers
+    of model size crash on this CI's CPU."""
+    op = ResStreamLM(tiny_config(depth="ddl")).depth
+    perturb_parameters(op, scale=0.1)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 5, 32, generator=gen)
+    outputs = [torch.randn(2, 5, 32, generator=gen).bfloat16().requires_grad_(grad) for _ in op.sites]
+    with torch.set_grad_enabled(grad):
+        expected = run_hooks(op, x0, [o.detach().float() for o in outputs])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not op.plain_heads(x0)
+            final = run_hooks(op, x0, outputs)
+    assert final.dtype == torch.float32
+    torch.testing.assert_close(final, expected, rtol=2e-2, atol=2e-2)  # v is a bfloat16 head
+    if grad:
+        final.sum().backward()
+        assert all(o.grad.dtype == torch.bfloat16 and o.grad.isfinite().all() for o in outputs)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in op.gates.parameters())
+
+
+def test_state_carries_only_the_stream_between_sites():
+    model = ResStreamLM(tiny_config(depth="ddl"))
+    op, seen = model.depth, []
+    original = op.write
+
+    def write(state, site, out, ctx):
+        seen.append(original(state, site, out, ctx))
+        return seen[-1]
+
+    op.write = write
+    model(torch.randint(0, 64, (1, 5)))
+    assert seen and all(s.x_in is None and s.c is None for s in seen)

@@ -6,9 +6,10 @@ import torch
 from reference import head, multihead, norm_weight, rmsnorm, site_kinds, sublayer
 
 from resstream import ResStreamLM
-from resstream.depth.depth_swa import DepthState
+from resstream.cache import ForwardContext
+from resstream.depth.depth_swa import DecodeState, DepthState
 from resstream.errors import UserError
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, cached_logits, perturb_parameters, tiny_config
 
 
 def depth_read_reference(states: list, h, w: dict, prefix: str, heads: int, window, eps):
@@ -125,3 +126,106 @@ def test_invalid_options():
         tiny_config(depth="depth_swa", depth_options={"windw": 2})
     with pytest.raises(UserError, match="depth_window"):
         tiny_config(depth="standard", depth_window=2)
+
+
+# ------------------------------------------------------------------ decode steps (the lean path)
+DECODE_OPTIONS = [{}, {"mode": "replace"}, {"granularity": "sublayer"}, {"heads": 2},
+                  {"norm_states": False}, {"shared": False}]
+
+
+def decode_model(window, options, dtype=torch.float64, **changes):
+    config = tiny_config(depth="depth_swa", depth_window=window, depth_options=options, **changes)
+    model = ResStreamLM(config).to(dtype).eval()
+    perturb_parameters(model, scale=0.1)
+    return model
+
+
+@pytest.mark.parametrize("options", DECODE_OPTIONS)
+@pytest.mark.parametrize("window", [None, 1, 2, 5])
+def test_incremental_decoding_matches_full_forward(window, options):
+    """Prefill takes the general path, the one-token steps the lean decode path (shared module;
+    one module per read keeps the general path)."""
+    model = decode_model(window, options)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+    torch.testing.assert_close(cached_logits(model, ids, prefill=3), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_incremental_decoding_with_inactive_layers(window):
+    model = decode_model(window, {}, depth_layers=[0, 2], local_mixer="shortswa")
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+    torch.testing.assert_close(cached_logits(model, ids, prefill=2), full, rtol=1e-10, atol=1e-10)
+
+
+def test_only_cached_decode_steps_take_the_lean_path():
+    model = decode_model(None, {}, dtype=torch.float32)
+    states = []
+    init_state = model.depth.init_state
+    model.depth.init_state = lambda x0, ctx: states.append(init_state(x0, ctx)) or states[-1]
+    ids = torch.randint(0, 64, (2, 6))
+    cached_logits(model, ids, prefill=3)  # prefill, then 3 decode steps
+    with torch.no_grad():
+        model(ids[:, :1])  # one token without a cache
+    model(ids[:, :1], cache=model.new_cache(2))  # one token with autograd on
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = ForwardContext(torch.arange(1), model.new_cache(2))
+        model.depth.init_state(model.embed(ids[:, :1]), ctx)
+    assert [type(s) for s in states] == [DepthState] + [DecodeState] * 3 + [DepthState] * 3
+
+
+def test_decode_workspace_follows_weight_changes():
+    """The fused weights of the decode workspace are rebuilt when a weight is updated in place or
+    replaced while the cache is in use."""
+    model = decode_model(2, {})
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2)
+
+    def decode_with_cache():
+        cache.length = 0
+        with torch.no_grad():
+            steps = [model(ids[:, :3], cache=cache)]
+            steps += [model(ids[:, t:t + 1], cache=cache) for t in (3, 4)]
+        return torch.cat(steps, 1)
+
+    decode_with_cache()
+    attention = model.depth.attention[0]
+    with torch.no_grad():
+        attention.k_proj.weight.mul_(1.5)  # in place
+        model.depth.state_norm.weight.add_(0.3)
+    attention.o_proj.weight.data = attention.o_proj.weight.data * 2  # replaced
+    with torch.no_grad():
+        full = model(ids)
+    torch.testing.assert_close(decode_with_cache(), full, rtol=1e-10, atol=1e-10)
+
+
+def test_decode_record_matches_the_full_forward():
+    model = decode_model(2, {})
+    ids = torch.randint(0, 64, (1, 4))
+    model.depth.record = []
+    with torch.no_grad():
+        model(ids)
+        full = [z[:, -1:] for _, z in model.depth.record]
+        model.depth.record = []
+        cached_logits(model, ids, prefill=3)
+    decoded = [z for _, z in model.depth.record[-len(full):]]
+    model.depth.record = None
+    for z, expected in zip(decoded, full, strict=True):
+        torch.testing.assert_close(z, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options", [{}, {"shared": False}, {"granularity": "sublayer"}])
+@pytest.mark.parametrize("window", [None, 2, 9])
+def test_depth_state_formula_matches_the_measured_decode_state(window, options):
+    from resstream.bench.decode import depth_state_bytes_per_token
+
+    model = decode_model(window, options, dtype=torch.float32)
+    measured = depth_state_bytes_per_token(model, torch.device("cpu"))
+    assert measured == model.depth.depth_state_vectors() * model.config.d_model * 4
+    per_state = 3 if options.get("shared", True) else 1  # q, k, v in a slot, or the normed state
+    n_states = min(window or 99, len(model.depth.reads))
+    assert model.depth.depth_state_vectors() == per_state * n_states + 1
+    assert model.new_cache(1).entries["depth"].tensors() == []  # the workspace is no KV cache

@@ -3,8 +3,10 @@
 One `ModelCache` per model and batch. Every module that keeps state across tokens defines
 `new_cache_entry(batch_size, max_len, device, dtype)`; `ResStreamLM.new_cache` asks each such
 module for its entry and stores it under the module's qualified name (`module.cache_key`).
-Depth-axis operators keep nothing across tokens (their depth state lives inside one forward),
-except the few that mix over tokens (DDL's TC compressor and EC expander).
+Depth-axis operators keep no token history (their depth state lives inside one forward),
+except the few that mix over tokens (DDL's TC compressor and EC expander). An entry may also
+be a decode workspace that holds no token history (depth_swa keeps its fused projection weights
+and per-step scratch there); such entries report no `tensors()`.
 """
 from __future__ import annotations
 

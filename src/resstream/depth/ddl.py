@@ -46,6 +46,12 @@ cache; k = `token_kernel` = 4 taps, causal, zero before the first token):
   copied into every channel, i.e. the plain repetition). Decode state: the last k-1
   embeddings, (k-1) d values (one per model).
 Both zero the inputs at left-padded positions (key_padding_mask), as the ShortConv mixer does.
+
+Fast path (same results): with d_v = 1 the write works from h itself, x' = x + 2 sigmoid(z)
+(v - k.x) / n h with n = sqrt(||h||^2 + eps_k^2) and z the gate logit, so k and beta are never
+materialised; under autograd it is one hand-written node (`VectorDeltaWrite`, saving x and h
+only), and the default gate and value heads share another (`LinearHeads`). Without autograd
+(prefill, decode) the same arithmetic runs as about ten small ops per site.
 """
 from __future__ import annotations
 
@@ -71,15 +77,101 @@ def delta_update(X: Tensor, k: Tensor, beta: Tensor, v: Tensor) -> Tensor:
     return X + beta[..., None, None] * k[..., :, None] * (v - readout)[..., None, :]
 
 
-def delta_update_vector(x: Tensor, k: Tensor, beta: Tensor, v: Tensor) -> Tensor:
-    """The d_v = 1 case of `delta_update`: x' = x + beta (v - k^T x) k, x and k [..., d],
-    beta [...], v [..., 1]."""
-    readout = (k * x).sum(-1, keepdim=True)
-    return torch.addcmul(x, k, beta[..., None] * (v - readout))
-
-
 def unit_direction(h: Tensor, eps: float = EPS_K) -> Tensor:
     return h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + eps * eps)
+
+
+# eps_k as 0-dim CPU tensors, one per dtype: `torch.hypot` needs a tensor, and a 0-dim CPU tensor
+# of the input's dtype acts as a scalar on any device (a float64 one would cost a dtype-mixing
+# path at every call).
+_EPS_K_TENSORS: dict[torch.dtype, Tensor] = {}
+
+
+def _eps_k(dtype: torch.dtype) -> Tensor:
+    eps = _EPS_K_TENSORS.get(dtype)
+    if eps is None:
+        eps = _EPS_K_TENSORS[dtype] = torch.tensor(EPS_K, dtype=dtype)
+    return eps
+
+
+def vector_delta_write(x: Tensor, h: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, ...]:
+    """The whole d_v = 1 write from the raw sublayer output h and gate logit z, with k and beta
+    never materialised:  n = sqrt(|h|^2 + eps_k^2), k = h / n, beta = 2 sigmoid(z),
+    x' = x + beta (v - k.x) k = x + 2 [sigmoid(z) (v - k.x) / n] h.
+    x, h [..., d]; z, v [..., 1]. Returns x' and the [..., 1] factors n, sigmoid(z), v - k.x and
+    the coefficient on h over 2 (`VectorDeltaWrite` saves them)."""
+    if x.dtype != h.dtype:  # (torch.promote_types is itself a dispatched op: skip it if equal)
+        dtype = torch.promote_types(x.dtype, h.dtype)
+        x, h = _as_dtype(x, dtype), _as_dtype(h, dtype)
+    n = torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), _eps_k(h.dtype))
+    error = torch.addcdiv(v, (h * x).sum(-1, keepdim=True), n, value=-1)  # v - k.x
+    sig = torch.sigmoid(z)
+    coef = error * sig / n  # beta (v - k.x) / (2 n); out of place: it is saved for backward
+    return torch.addcmul(x, h, coef, value=2), n, sig, error, coef
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # no `aten::to` call when nothing changes
+
+
+class VectorDeltaWrite(torch.autograd.Function):
+    """`vector_delta_write` with a hand-written backward: it saves x, h and five [..., 1] factors
+    (autograd would save k, its norm terms and several [..., d] temporaries) and spends five
+    passes over [..., d] tensors where autograd spends about fifteen. With g = dL/dx',
+    m = beta (g.k) / n:
+        dx = g - m h
+        dh = (beta (v - k.x) / n) g - m x - m (v - 2 k.x) / n h
+        dv = beta (g.k),  dz = (g.k) (v - k.x) beta (1 - sigmoid(z))."""
+
+    @staticmethod
+    def forward(ctx, x, h, z, v):
+        out, n, sig, error, coef = vector_delta_write(x, h, z, v)
+        ctx.save_for_backward(x, h, v, n, sig, error, coef)
+        ctx.dtypes = z.dtype, v.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, v, n, sig, error, coef = ctx.saved_tensors
+        z_dtype, v_dtype = ctx.dtypes
+        hd, xd = _as_dtype(h, grad.dtype), _as_dtype(x, grad.dtype)
+        grad_k = (grad * hd).sum(-1, keepdim=True).div_(n)  # g.k
+        beta = 2 * sig
+        grad_v = grad_k * beta
+        grad_z = grad_k * error * beta * (1 - sig)  # d beta / dz = 2 sigmoid (1 - sigmoid)
+        m = grad_v / n
+        grad_x = grad_h = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _as_dtype(torch.addcmul(grad, hd, m, value=-1), x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_h = grad * (2 * coef)
+            grad_h.addcmul_(xd, m, value=-1)
+            grad_h.addcmul_(hd, m * (2 * error - v) / n, value=-1)  # 2 error - v = v - 2 k.x
+            grad_h = _as_dtype(grad_h, h.dtype)
+        return grad_x, grad_h, _as_dtype(grad_z, z_dtype), _as_dtype(grad_v, v_dtype)
+
+
+class LinearHeads(torch.autograd.Function):
+    """(F.linear(c, w1, b1), F.linear(c, w2, b2)): two small heads on one input c [..., d] (the
+    gate logit and the value). The forward keeps the two matrix-vector products (one GEMM over
+    the concatenated rows is slower on CPU); the backward computes dc with one GEMM over both
+    heads' rows, where autograd runs a rank-1 GEMM per head and adds the two [..., d] results,
+    and both weight gradients with one more."""
+
+    @staticmethod
+    def forward(ctx, c, w1, b1, w2, b2):
+        ctx.save_for_backward(c, w1, w2)
+        return F.linear(c, w1, b1), F.linear(c, w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad1, grad2):
+        c, w1, w2 = ctx.saved_tensors
+        rows = w1.shape[0]
+        grads = torch.cat([grad1, grad2], -1).flatten(0, -2)  # [N, rows of w1 + rows of w2]
+        grad_c = (grads @ torch.cat([w1, w2])).view(c.shape)
+        grad_w = grads.t() @ c.reshape(-1, c.shape[-1])
+        grad_b = grads.sum(0)
+        return grad_c, grad_w[:rows], grad_b[:rows], grad_w[rows:], grad_b[rows:]
 
 
 def _logit(p: float) -> float:
@@ -104,17 +196,27 @@ class DeltaGate(nn.Module):
         nn.init.constant_(self.out.bias, _logit(beta_init / 2))
 
     def forward(self, c: Tensor) -> Tensor:
+        return 2 * torch.sigmoid(self.logit(c)).squeeze(-1)
+
+    def logit(self, c: Tensor) -> Tensor:
+        """The gate's pre-activation [..., 1] (beta = 2 sigmoid of it), float32 or float64."""
         dtype = torch.float64 if c.dtype == torch.float64 else torch.float32  # never below fp32
-        c = c.to(dtype)
+        if c.dtype == dtype and not torch.is_autocast_enabled(c.device.type):
+            return self._logit(c)  # the common case: no casts, no autocast context
         with torch.autocast(device_type=c.device.type, enabled=False):
-            x = c if self.hidden is None else torch.tanh(_linear(self.hidden, c))
-            return 2 * torch.sigmoid(_linear(self.out, x)).squeeze(-1)
+            return self._logit(c.to(dtype))
+
+    def _logit(self, c: Tensor) -> Tensor:
+        x = c if self.hidden is None else torch.tanh(_linear(self.hidden, c))
+        return _linear(self.out, x)
 
 
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """layer(x) computed in x's dtype (the layer's parameters are cast, not converted)."""
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, layer.weight.to(x.dtype), bias)
+    weight, bias = layer.weight, layer.bias
+    if weight.dtype != x.dtype:
+        weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 class ChannelCompressor(nn.Module):
@@ -176,6 +278,7 @@ class DDLState:
     X: Tensor  # [B, T, d] (d_v = 1) or [B, T, d, d_v]
     x_in: Tensor | None = None  # compressed read of the current site
     c: Tensor | None = None  # its normalised form (the sublayer input)
+    plain_heads: bool = False  # gate and value are plain F.linear on c (`plain_heads`)
     extra: dict = field(default_factory=dict)
 
 
@@ -240,14 +343,29 @@ class DeepDeltaLearning(DepthOperator):
                 self.compressors[str(index)] = make_compressor(options, d)
         self.expander = ConvExpander(d, dv, options.token_kernel) if options.expander == "ec" else None
         self.cross_token_state = options.compressor == "tc" or options.expander == "ec"
+        # the default heads (linear gate, value from c) can run as one `LinearHeads` node
+        self.linear_heads = options.beta_gate == "linear" and options.value == "paper"
 
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
         if self.expander is not None:
-            return DDLState(self.expander(x0, ctx))
-        if self.value_dim == 1:
-            return DDLState(x0)
-        return DDLState(x0[..., None].expand(*x0.shape, self.value_dim).contiguous())
+            X = self.expander(x0, ctx)
+        elif self.value_dim == 1:
+            X = x0
+        else:
+            X = x0[..., None].expand(*x0.shape, self.value_dim).contiguous()
+        return DDLState(X, plain_heads=self.plain_heads(x0))
+
+    def plain_heads(self, x0: Tensor) -> bool:
+        """Whether this forward's gate and value heads are plain F.linear calls on c: the default
+        heads (linear gate, value from c), the stream in float32 (or float64) like their weights
+        and no autocast, so the gate's float32 rule casts nothing. Decided once per forward
+        rather than at every site (the checks cost about as much as a small op)."""
+        if not self.linear_heads or not self.active_sites:
+            return False
+        weight = self.gates[str(self.active_sites[0])].out.weight
+        return (x0.dtype in (torch.float32, torch.float64) and x0.dtype == weight.dtype
+                and not torch.is_autocast_enabled(x0.device.type))
 
     def compress(self, X: Tensor, key: str, ctx=None) -> Tensor:
         if key not in self.compressors:  # d_v = 1 without TC: the state is the read
@@ -263,19 +381,34 @@ class DeepDeltaLearning(DepthOperator):
     def write(self, state, site, out, ctx):
         if site.index not in self.active_sites:  # standard addition (into every channel)
             state.X = state.X + (out if self.value_dim == 1 else out[..., None])
-            return state
-        key = str(site.index)
-        beta = self.gates[key](state.c).to(out.dtype)
-        if self.options.value == "code":
-            v = 4 * torch.sigmoid(self.values[key](state.x_in))
         else:
-            v = self.values[key](state.c)
-        k = unit_direction(out)
-        if self.value_dim == 1:  # vector state: same update without the d_v axis (fewer ops)
-            state.X = delta_update_vector(state.X, k, beta, v)
-        else:
-            state.X = delta_update(state.X, k, beta, v)
+            state.X = self.delta_write(state, str(site.index), out)
+        state.x_in = state.c = None  # the site's reads are spent: carry only X to the next site
         return state
+
+    def delta_write(self, state: DDLState, key: str, out: Tensor) -> Tensor:
+        z, v = self.gate_and_value(key, state)
+        if self.value_dim > 1:
+            beta = _as_dtype((2 * torch.sigmoid(z)).squeeze(-1), out.dtype)
+            return delta_update(state.X, unit_direction(out), beta, v)
+        # vector state: the fused write (k and beta never materialised)
+        if torch.is_grad_enabled():
+            return VectorDeltaWrite.apply(state.X, out, z, v)
+        return vector_delta_write(state.X, out, z, v)[0]  # inference and decode: nothing saved
+
+    def gate_and_value(self, key: str, state: DDLState) -> tuple[Tensor, Tensor]:
+        """The gate logit z [..., 1] (beta = 2 sigmoid(z)) and the value v [..., d_v] of a site."""
+        gate, value, c = self.gates[key], self.values[key], state.c
+        if state.plain_heads:
+            heads = (gate.out.weight, gate.out.bias, value.weight, value.bias)
+            if torch.is_grad_enabled():  # one autograd node for both heads
+                return LinearHeads.apply(c, *heads)
+            return F.linear(c, heads[0], heads[1]), F.linear(c, heads[2], heads[3])
+        if self.options.value == "code":
+            v = 4 * torch.sigmoid(value(state.x_in))
+        else:
+            v = value(c)
+        return gate.logit(c), v
 
     def finalize(self, state, ctx):
         return self.compress(state.X, "final", ctx)

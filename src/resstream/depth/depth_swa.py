@@ -8,8 +8,11 @@ X_t = [h^(0); ...; h^(L)] (h^(0) = embedding, h^(l) = output of block l-1). Befo
     q   = W_Q N(h^(l)),  K = N(W) W_K,  V = N(W) W_V      (N = RMSNorm, see below)
     z^l = softmax(q K^T / sqrt(d_k)) V  =  ShortSWA(N(X_t); K)[l]
 
-computed by `resstream.ops.local_attention` on the depth stack with tokens folded into the batch
-(the same function ShortSWA uses along the sequence). K = depth_window (None = full depth).
+with the projections of the ShortSWA module (`LocalSelfAttention`) and tokens folded into the
+batch. Only the newest depth position is read, and its one query sees every key of the window,
+so the causal window mask is empty: z is plain softmax attention over the K_l keys (the same
+function `resstream.ops.local_attention` computes for that query, without building its mask).
+K = depth_window (None = full depth).
 
 Choices where the paper is silent (spec decision 3):
 - injection `mode="add"` (default): block l reads u = h^(l) + W_O z^l with W_O zero-initialised,
@@ -23,6 +26,13 @@ Choices where the paper is silent (spec decision 3):
   state is projected once); `shared=False` gives every read its own W_Q, W_K, W_V, W_O.
 - states are RMS-normalised before the projections (`norm_states=True`), as ShortSWA reads
   Norm(H) on the sequence axis; no RoPE over depth; heads default to the model's n_heads.
+
+State: with a shared module each state is projected once, when it is read, and its key and
+value are kept while a later read can see them; with one module per read (`shared=False`) the
+window's normalised states are kept instead. Decode steps (one token, shared module, float32/64)
+take a lean path with a few ops per read: one matvec with the fused, norm-folded [W_Q; W_K; W_V]
+writes q, k, v straight into the state's slot of a buffer kept in the decode cache, SDPA reads
+the window in place, and u = h + W_O z is one baddbmm (the first read, with one key, is z = v).
 """
 from __future__ import annotations
 
@@ -30,9 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator
+from resstream.depth.base import DepthOperator, is_decode_step
 from resstream.layers import RMSNorm
 from resstream.mixers.shortswa import LocalSelfAttention
 from resstream.options import require
@@ -41,20 +52,104 @@ from resstream.registry import register_depth_operator
 
 @dataclass
 class DepthState:
+    """General path (training, prefill); `read_step` on it works for any number of steps."""
+
     h: Tensor  # the current cumulative state of every token, [B, T, d]
-    normed: list = field(default_factory=list)  # N(h^(j)) of the window's states, [B*T, 1, d]
-    keys: list = field(default_factory=list)  # their keys/values (shared module: projected once)
-    values: list = field(default_factory=list)
+    normed: list = field(default_factory=list)  # shared=False: the window's N(h^(j)), [B*T, 1, d]
+    keys: list = field(default_factory=list)  # shared only: keys/values of the window's states,
+    values: list = field(default_factory=list)  # [B*T, H, D] each (each state projected once)
 
 
-def depth_read(attention: LocalSelfAttention, query_state: Tensor, keys: list[Tensor],
-               values: list[Tensor], window: int | None) -> Tensor:
-    """z for the newest depth position: query_state [B, T, d] (already normalised), keys/values
-    lists of [B*T, H_kv, 1, D] for the window's states. Returns [B, T, H*D] (before W_O)."""
-    b, t, d = query_state.shape
-    q, _, _ = attention.project(query_state.reshape(b * t, 1, d), None)
-    k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # [B*T, H_kv, K_l, D]
-    return attention.attend(q, k, v).reshape(b, t, -1)
+class DecodeSlots:
+    """The window's slots for decode steps: one buffer [S, B, 3, H, D] (S = min(K, reads)) into
+    which read i's projection writes the q, k, v of its state, in slot i mod S (the order of the
+    slots is irrelevant to a single query without positions; q is dead after its read, but
+    keeping it lets one matvec fill the slot), with the views a read uses, made once."""
+
+    def __init__(self, like: Tensor, n_slots: int, heads: int, head_dim: int):
+        batch, d = like.shape[0], heads * head_dim
+        self.buffer = like.new_empty(n_slots, batch, 3, heads, head_dim)
+        self.targets = self.buffer.view(n_slots, batch, 1, 3 * d).unbind(0)  # [B, 1, 3d] per slot
+        self.kv_targets = [target[..., d:] for target in self.targets]  # their k, v part
+        self.first_values = [target[..., 2 * d:] for target in self.targets]  # v as [B, 1, d]
+        self.queries = self.buffer[:, :, 0].unsqueeze(3).unbind(0)  # [B, H, 1, D] per slot
+        keys = self.buffer[:, :, 1].permute(1, 2, 0, 3)  # [B, H, S, D]
+        values = self.buffer[:, :, 2].permute(1, 2, 0, 3)
+        self.windows = [(keys[:, :, :n], values[:, :, :n]) for n in range(1, n_slots + 1)]
+
+
+@dataclass
+class DecodeState:
+    """Decode-step path (shared module): the stream and the window's slots."""
+
+    h: Tensor  # [B, 1, d]
+    slots: DecodeSlots
+    reads: int = 0  # reads done so far in this step
+
+
+class DecodeWorkspace:
+    """The operator's decode-cache entry (shared module), built at the first decode step with the
+    cache and reused by every later step, so that a step allocates nothing and makes no views:
+      qkv_t  (diag(w) [W_Q; W_K; W_V])^T, [d, 3d]: one matvec projects a state, with the RMSNorm
+             weight w folded in (kv_t: its K, V columns)
+      o_t    W_O^T as a [B, d, d] view: u = h + W_O z in one baddbmm
+      slots  the DecodeSlots every step writes into (scratch, overwritten by the next step)
+    The weights are fixed while a cache is in use (as for the KV cache); the workspace is rebuilt
+    if a weight was replaced or updated in place since. Nothing here is token history, so
+    `tensors()` is empty (nothing for the KV-cache accounting to count or fill)."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._source: tuple | None = None
+
+    def refresh(self, op: "DepthSWA", like: Tensor) -> None:
+        attention, norm = op.attention[0], op.state_norm
+        params = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight,
+                  attention.o_proj.weight] + list(norm.parameters())
+        source = (like.dtype, like.device, torch.is_inference_mode_enabled(),  # (inference tensors)
+                  *((p.data_ptr(), p._version) for p in params))
+        if source == self._source:
+            return
+        d = like.shape[-1]
+        qkv = torch.cat(params[:3]).detach()
+        if isinstance(norm, RMSNorm):  # W N(h) = (W diag(w)) (h / rms(h))
+            qkv = qkv * norm.weight.detach()
+        self.qkv_t, self.kv_t = qkv.t(), qkv[d:].t()
+        self.o_t = params[3].detach().t().expand(self.batch_size, d, d)
+        self.eps = like.new_full((1, 1, 1), norm.eps) if isinstance(norm, RMSNorm) else None
+        self.slots = DecodeSlots(like, op.window_states, attention.n_heads, attention.head_dim)
+        self._source = source
+
+    def normalise(self, h: Tensor) -> Tensor:
+        """h / rms(h), [B, 1, d] (the RMSNorm weight is in qkv_t): rms^2 = eps + h.h / d, from one
+        batched matmul."""
+        if self.eps is None:
+            return h
+        return h * torch.baddbmm(self.eps, h, h.mT, alpha=1 / h.shape[-1]).rsqrt_()
+
+    def tensors(self) -> list[Tensor]:
+        return []
+
+
+def attend_newest(q: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
+    """z of the newest depth position, whose one query sees every key of the window (no mask):
+    q [N, H, D], keys/values K_l tensors [N, H, D]. Returns [N, H, D] (before W_O).
+
+    One query over a few keys, for many rows: a dot product per key (the scores) and a weighted
+    sum of the values are large elementwise ops, 1.5-4x faster forward + backward than SDPA over
+    N * H tiny problems at N = 1024, and need no concatenated copy of the window (autograd saves
+    the keys and values themselves)."""
+    q = q * q.shape[-1] ** -0.5
+    scores = torch.stack([torch.linalg.vecdot(k, q) for k in keys], dim=-1)  # [N, H, K_l]
+    weights = scores.softmax(dim=-1).unsqueeze(-1).unbind(dim=2)
+    terms = [w * v for w, v in zip(weights, values)]
+    return sum(terms[1:], terms[0])
+
+
+def split_heads(x: Tensor, heads: int) -> list[Tensor]:
+    """[N, n, H * D] -> n tensors [N, H, D]."""
+    n_rows, n, width = x.shape
+    return list(x.view(n_rows, n, heads, width // heads).unbind(dim=1))
 
 
 @register_depth_operator("depth_swa")
@@ -112,43 +207,88 @@ class DepthSWA(DepthOperator):
     def _attention_for(self, site_index: int) -> LocalSelfAttention:
         return self.attention[0 if self.options.shared else self.reads.index(site_index)]
 
+    @property
+    def window_states(self) -> int:
+        """S: states a read sees at most (the window, or every read's state at full depth)."""
+        return len(self.reads) if self.window is None else min(self.window, len(self.reads))
+
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
+        if self._lean_decode(x0, ctx):
+            workspace = ctx.entry(self)
+            workspace.refresh(self, x0)
+            return DecodeState(x0, workspace.slots)
         return DepthState(x0)
+
+    def _lean_decode(self, x0: Tensor, ctx) -> bool:
+        """Decode steps with a cache (which holds the workspace) take the lean path when the
+        states share one module (each state's q, k, v from one fused matvec) and are float32/64
+        without autocast (there eps + h.h / d in the stream dtype is RMSNorm's statistic up to
+        rounding, which it computes in float32 for lower precisions; autocast would run the
+        matmuls in its own dtype)."""
+        return (is_decode_step(x0) and ctx is not None and ctx.cache is not None
+                and self.options.shared and x0.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x0.device.type))
 
     def read(self, state, site, norm, ctx):
         if site.index in self.reads:
-            state.h = self._inject(state, site)
+            if isinstance(state, DecodeState):
+                state.h = self._decode_read(state, ctx.entry(self))
+            else:
+                state.h = self._inject(state.h, self.read_step(state, site.index), site)
         return norm(state.h)
 
-    def _inject(self, state: DepthState, site) -> Tensor:
-        z = self.read_step(state, site.index)
+    def _inject(self, h: Tensor, z: Tensor, site) -> Tensor:
         update = self._attention_for(site.index).o_proj(z)
-        return state.h + update if self.options.mode == "add" else update
+        return h + update if self.options.mode == "add" else update
 
     def read_step(self, state: DepthState, site_index: int = 0) -> Tensor:
         """Append the current state h to the token's depth sequence and return the causal
         window-K attention read z of the newest position, [B, T, H*D] (before W_O)."""
         attention = self._attention_for(site_index)
+        heads = attention.n_heads
         normed = self.state_norm(state.h)
         b, t, d = normed.shape
-        state.normed.append(normed.reshape(b * t, 1, d))
-        if self.window is not None:
-            del state.normed[:-self.window]
+        rows = normed.reshape(b * t, 1, d)
+        [q] = split_heads(attention.q_proj(rows), heads)
         if self.options.shared:  # one module over depth: each state is projected once
-            _, k, v = attention.project(state.normed[-1], None)
-            state.keys.append(k)
-            state.values.append(v)
-            if self.window is not None:
-                del state.keys[:-self.window], state.values[:-self.window]
-            keys, values = state.keys, state.values
-        else:  # this read's own W_K, W_V over the whole window
-            _, k, v = attention.project(torch.cat(state.normed, dim=1), None)
-            keys, values = [k], [v]
-        z = depth_read(attention, normed, keys, values, self.window)
+            [k] = split_heads(attention.k_proj(rows), heads)
+            [v] = split_heads(attention.v_proj(rows), heads)
+            keys, values = self._keep(state.keys, k), self._keep(state.values, v)
+        else:  # this read's own W_K, W_V over the window's states
+            window = torch.cat(self._keep(state.normed, rows), dim=1)
+            keys = split_heads(attention.k_proj(window), heads)
+            values = split_heads(attention.v_proj(window), heads)
+        z = attend_newest(q, keys, values).view(b, t, d)
         if self.record is not None:
             self.record.append((state.h, z))
         return z
+
+    def _keep(self, states: list, new: Tensor) -> list:
+        """Append `new` and drop what no later read can see (a window's oldest state)."""
+        states.append(new)
+        if self.window is not None:
+            del states[:-self.window]
+        return states
+
+    def _decode_read(self, state: DecodeState, workspace: DecodeWorkspace) -> Tensor:
+        """The read and its injection for one token per sequence: the block's input u, [B, 1, d]."""
+        slots = state.slots
+        slot, n_keys = state.reads % len(slots.targets), min(state.reads + 1, len(slots.targets))
+        state.reads += 1
+        normed = workspace.normalise(state.h)
+        if n_keys == 1:  # softmax over one key is exactly 1: z = v, no query needed
+            torch.matmul(normed, workspace.kv_t, out=slots.kv_targets[slot])
+            z = slots.first_values[slot]
+        else:
+            torch.matmul(normed, workspace.qkv_t, out=slots.targets[slot])
+            keys, values = slots.windows[n_keys - 1]
+            z = F.scaled_dot_product_attention(slots.queries[slot], keys, values).view(normed.shape)
+        if self.record is not None:
+            self.record.append((state.h, z.clone()))  # z may view a slot the next step reuses
+        if self.options.mode == "add":
+            return torch.baddbmm(state.h, z, workspace.o_t)
+        return self.attention[0].o_proj(z)
 
     def write(self, state, site, out, ctx):
         state.h = state.h + out
@@ -157,10 +297,17 @@ class DepthSWA(DepthOperator):
     def finalize(self, state, ctx):
         return state.h
 
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> DecodeWorkspace:
+        return DecodeWorkspace(batch_size)
+
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
-        n_states = len(self.reads) + 1  # embedding and every state a read can see
-        return n_states if self.window is None else min(self.window, n_states)
+        """d-vectors per token kept across depth: the stream h plus, for each of the last
+        S = min(K, reads) states, with a shared module its q, k, v in the decode step's slot
+        (3 S + 1; the general path keeps k, v: 2 S + 1), with one module per read the normalised
+        state, which every read projects with its own W_K, W_V (S + 1)."""
+        per_state = 3 if self.options.shared else 1
+        return per_state * self.window_states + 1
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         # states after block `layer`: every state read so far plus the current stream

@@ -9,8 +9,9 @@ Architectures" (Zhang, arXiv 2603.16039):
 ShortSWA(X; w)_t = W_O concat_h softmax_j(q_t k_j^T / sqrt(d_h) + M_tj) v_j with its own
 W_Q, W_K, W_V, W_O, the model's head count by default, RoPE on by default, and the exact window
 M_tj = 0 iff 0 <= t - j < w (w keys including the current token; spec decision 1-2).
-The attention itself is `resstream.ops.local_attention`, the same operator the depth-wise read
-(`depth_swa`) applies along depth. Decode state: a rolling buffer of the last w keys/values.
+The attention itself is `resstream.ops.local_attention`; the depth-wise read (`depth_swa`)
+applies the same function along depth (computing it directly for its single query per read).
+Decode state: a rolling buffer of the last w keys/values.
 Option `replace_attention` drops global attention from every block ([ShortSWA, MLP]): a
 ShortSWA-only stack whose decode state is constant in context length (docs/inference.md).
 """
