@@ -133,7 +133,8 @@ def test_matches_float64_reference(depth, options, changes):
                                    rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("depth,options", [("hyper", {}), ("mhc", {"sinkhorn_iters": 4})])
+@pytest.mark.parametrize("depth,options", [("hyper", {}), ("hyper", {"dynamic": False}),
+                                           ("mhc", {"sinkhorn_iters": 4})])
 def test_gradients_match_reference(depth, options):
     model = build(depth, options)
 
@@ -345,6 +346,16 @@ def test_stream_math_runs_in_float32_under_bfloat16_autocast(depth):
 @pytest.mark.parametrize("depth,changes", [("hyper", {"local_mixer": "shortswa"}), ("mhc", {})])
 def test_incremental_decoding_matches_full_forward(depth, changes):
     model = build(depth, **changes)
+    with torch.no_grad():
+        full = model(IDS)
+    torch.testing.assert_close(cached_logits(model, IDS, prefill=2), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("options,changes", [({"dynamic": False}, {}),
+                                             ({"streams": 2}, {"depth_layers": [0, 2]})])
+def test_decode_step_path_matches_full_forward(options, changes):
+    """The decode step's own path (streams as [B, n, d]) for static HC and inactive sublayers."""
+    model = build("hyper", options, **changes)
     with torch.no_grad():
         full = model(IDS)
     torch.testing.assert_close(cached_logits(model, IDS, prefill=2), full, rtol=1e-10, atol=1e-10)

@@ -36,47 +36,191 @@ standard model.
 
 All stream arithmetic runs in float32 (float64 for a float64 model) with autocast off; the
 streams are kept in the embedding's dtype.
+
+Implementation (training is bound by passes over the [B, T, n, d] streams, decoding by the
+number of small ops): each sublayer's coefficients form one table C [..., n, n+2] (columns A_m |
+A_r | B), C = static + scale * tanh(Z), with Z_j = RMSNorm(H_j) W computed as
+(H_j W') / hypot(|H_j|, sqrt(d eps)), W' = sqrt(d) * norm weight * W (`normalized_projection`);
+the tables' parameters of all sublayers are stacked once per forward. Training and prefill run
+hand-written autograd Functions: `HyperRead` (coefficients, h_in and the mixed streams from one
+batched matmul; its backward builds the streams' gradient in one buffer) and `StreamWrite` (one
+addcmul). A decode step (`is_decode_step`) keeps the streams as [B, n, d] and reads a sublayer
+with ten small ops (`decode_read`).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.attnres import NormalizedScores, compute_dtype
-from resstream.depth.base import DepthOperator
+from resstream.depth.base import DepthOperator, is_decode_step
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
-
-def width_connection(streams: Tensor, read: Tensor, mix: Tensor) -> tuple[Tensor, Tensor]:
-    """h_in = sum_j read[j] H_j and the mixed residual, stream i = sum_j mix[j, i] H_j, as one
-    batched matmul over tokens. streams [B, T, n, d]; read [n] or [B, T, n]; mix [n, n] or
-    [B, T, n, n] (row j = from stream j). Returns h_in [B, T, d] and the residual [B, T, n, d]."""
-    *lead, n, d = streams.shape
-    weights = torch.cat([read.unsqueeze(-1), mix], dim=-1).transpose(-1, -2)  # [..., n+1, n]
-    weights = weights.expand(*lead, n + 1, n).reshape(-1, n + 1, n)
-    out = torch.bmm(weights, streams.reshape(-1, n, d))  # [B*T, n+1, d]
-    h_in, residual = out.split([1, n], dim=1)
-    return h_in.view(*lead, d), residual.view(*lead, n, d)
+STATIC = ("a_m", "a_r", "b")
+DYNAMIC = ("w_m", "w_r", "w_b", "norm_weight", "s_alpha", "s_beta")
 
 
-def depth_connection(residual: Tensor, write: Tensor, out: Tensor) -> Tensor:
-    """Stream i = residual_i + write[i] * out, one fused batched op. residual [B, T, n, d];
-    write [n] or [B, T, n]; out [B, T, d]."""
-    *lead, n, d = residual.shape
-    write = write.expand(*lead, n).reshape(-1, n, 1)
-    streams = torch.baddbmm(residual.reshape(-1, n, d), write, out.reshape(-1, 1, d))
-    return streams.view(*lead, n, d)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Stream arithmetic runs in float32 (float64 for a float64 model)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)  # no op at all when it already matches
+
+
+NO_CONTEXT = contextlib.nullcontext()
+
+
+def stream_math(state: "StreamState", x: Tensor):
+    """Autocast off for the stream arithmetic; the context is only entered when autocast is on
+    (whether it can be is checked once per forward: a decode step counts microseconds)."""
+    if state.autocast and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return NO_CONTEXT
+
+
+def mix(streams: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """h_in = sum_j C[j, 0] H_j [N, 1, d] and the mixed streams, stream i = sum_j C[j, 1+i] H_j
+    [N, n, d], from streams [N, n, d] and a table C [N, n, >= n+1] (A_m | A_r | ...): one
+    batched matmul; h_in is copied out so that the sublayer's norm, which saves its input for
+    the backward, does not keep the whole [N, n+1, d] product alive."""
+    n = streams.shape[1]
+    h_in, mixed = torch.bmm(table[..., :n + 1].mT, streams).split_with_sizes([1, n], dim=1)
+    return h_in.clone(), mixed
+
+
+def mix_backward(streams: Tensor, table: Tensor, grad_h: Tensor, grad_mixed: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+    """Gradients of `mix` for its streams (built in one buffer: no [N, n+1, d] concatenation of
+    the output gradients) and for table[..., :n+1]."""
+    n = streams.shape[1]
+    # (a stride-0 gradient, as from the final sum, would send bmm into a per-token loop)
+    grad_h, grad_mixed = grad_h.contiguous(), grad_mixed.contiguous()
+    grad_table = torch.cat([torch.bmm(streams, grad_h.mT), torch.bmm(streams, grad_mixed.mT)], -1)
+    grad_streams = torch.bmm(table[..., 1:n + 1], grad_mixed).addcmul_(table[..., :1], grad_h)
+    return grad_streams, grad_table
+
+
+class StreamMix(torch.autograd.Function):
+    """`mix` with its hand-written backward (static HC, mHC)."""
+
+    @staticmethod
+    def forward(ctx, streams, table):
+        ctx.save_for_backward(streams, table)
+        return mix(streams, table)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_mixed):
+        return mix_backward(*ctx.saved_tensors, grad_h, grad_mixed)
+
+
+class StreamWrite(torch.autograd.Function):
+    """Stream i = mixed_i + B_i * out for mixed [N, n, d], B [N, n, 1], out [N, 1, d]: one
+    addcmul (a baddbmm copies, then accumulates: twice the passes over [N, n, d]); the backward
+    is two batched matrix-vector products."""
+
+    @staticmethod
+    def forward(ctx, mixed, write, out):
+        ctx.save_for_backward(write, out)
+        return torch.addcmul(mixed, write, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        write, out = ctx.saved_tensors
+        grad = grad.contiguous()
+        return grad, torch.bmm(grad, out.mT), torch.bmm(write.mT, grad)
+
+
+def normalized_projection(x: Tensor, proj: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Z = (x proj) / hypot(|x|, floor) over the last dim of x [..., D], i.e. RMSNorm(x) W for
+    proj = sqrt(D) W and floor = sqrt(D eps): the 1/rms is applied after the projection, so the
+    normalised x is never formed. Returns (Z, x proj, hypot)."""
+    dots = torch.matmul(x, proj)
+    norm = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
+    return dots / norm, dots, norm
+
+
+def normalized_projection_backward(x: Tensor, proj: Tensor, dots: Tensor, norm: Tensor,
+                                   grad_z: Tensor, grad_x: Tensor | None = None
+                                   ) -> tuple[Tensor, Tensor]:
+    """Gradients of `normalized_projection` for x (added in place into grad_x when given: no
+    temporary of its size) and for proj."""
+    size, width = proj.shape
+    grad_dots = grad_z / norm
+    # d hypot(|x|, floor) / dx = x / hypot
+    grad_norm = (grad_dots * dots).sum(-1, keepdim=True).div_(norm.square()).neg_()
+    grad_dots = grad_dots.view(-1, width)
+    if grad_x is None:
+        grad_x = (grad_dots @ proj.t()).view(x.shape)
+    else:
+        grad_x.view(-1, size).addmm_(grad_dots, proj.t())
+    grad_x.addcmul_(x, grad_norm)
+    return grad_x, (grad_dots.t() @ x.reshape(-1, size)).t()  # (the faster orientation)
+
+
+class NormalizedProjection(torch.autograd.Function):
+    """`normalized_projection` with its hand-written backward (mHC)."""
+
+    @staticmethod
+    def forward(ctx, x, proj, floor):
+        z, dots, norm = normalized_projection(x, proj, floor)
+        ctx.save_for_backward(x, proj, dots, norm)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        return *normalized_projection_backward(*ctx.saved_tensors, grad_z), None
+
+
+def dynamic_table(streams: Tensor, proj: Tensor, static: Tensor, scale: Tensor, floor: Tensor
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """C = static + scale * tanh(Z) [N, n, n+2] for streams [N, n, d], Z_j = RMSNorm(H_j) W
+    (`normalized_projection`; proj holds sqrt(d) * norm weight * [W_m | W_r | W_beta]).
+    Returns (C, H proj, hypot, tanh(Z))."""
+    z, dots, norm = normalized_projection(streams, proj, floor)
+    t = z.tanh_()
+    return torch.addcmul(static, t, scale), dots, norm, t
+
+
+class HyperRead(torch.autograd.Function):
+    """One dynamic read: (h_in [N, 1, d], mixed streams [N, n, d], write B [N, n, 1]) from the
+    streams [N, n, d] and the sublayer's tables. Training is memory-bound on the [N, n, d]
+    streams: this keeps only them (and [N, n, n+2] coefficients) for the backward, which builds
+    the streams' gradient from its four terms in one buffer (autograd would add them up)."""
+
+    @staticmethod
+    def forward(ctx, streams, proj, static, scale, floor):
+        table, dots, norm, t = dynamic_table(streams, proj, static, scale, floor)
+        h_in, mixed = mix(streams, table)
+        ctx.save_for_backward(streams, proj, scale, table, dots, norm, t)
+        return h_in, mixed, table[..., streams.shape[1] + 1:]
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_mixed, grad_write):
+        streams, proj, scale, table, dots, norm, t = ctx.saved_tensors
+        grad_streams, grad_table = mix_backward(streams, table, grad_h, grad_mixed)
+        grad_table = torch.cat([grad_table, grad_write], -1)
+        grad_scale = (grad_table * t).sum((0, 1))
+        grad_z = torch.ops.aten.tanh_backward(grad_table * scale, t)
+        grad_streams, grad_proj = normalized_projection_backward(streams, proj, dots, norm, grad_z,
+                                                                 grad_streams)
+        return grad_streams, grad_proj, grad_table.sum(0), grad_scale, None
 
 
 @dataclass
 class StreamState:
-    streams: Tensor  # [B, T, n, d] in the stream dtype
-    residual: Tensor | None = None  # mixed streams from the last read (A_r^T H)
-    write: Tensor | None = None  # write weights B of the last read, [..., n]
+    streams: Tensor  # [B, T, n, d] in the stream dtype; [B, n, d] in a decode step
+    residual: Tensor | None = None  # mixed streams from the last read (A_r^T H), [N, n, d]
+    write: Tensor | None = None  # write weights B of the last read, [N, n, 1] (or [n, 1])
+    tables: dict | None = None  # per active sublayer, what its read needs (see site_tables)
+    decode: bool = False  # decode-step layout
+    autocast: bool = True  # False: autocast was off at init_state (skip its context)
 
 
 class HyperConnection(nn.Module):
@@ -99,18 +243,30 @@ class HyperConnection(nn.Module):
             self.s_alpha = nn.Parameter(torch.tensor(0.01))
             self.s_beta = nn.Parameter(torch.tensor(0.01))
 
-    def coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(A_m [..., n], A_r [..., n, n], B [..., n]) for streams [B, T, n, d]."""
-        dtype = streams.dtype
-        a_m, a_r, b = self.a_m.to(dtype), self.a_r.to(dtype), self.b.to(dtype)
-        if not self.dynamic:
-            return a_m, a_r, b
-        # tanh(RMSNorm(H_j) W): the norm weight folds into W, the 1/rms is applied after W
-        proj = torch.cat([self.w_m[:, None], self.w_r, self.w_b[:, None]], dim=1)
-        proj = (self.norm_weight[:, None] * proj).to(dtype)
-        t = torch.tanh(NormalizedScores.apply(streams, proj.t(), self.eps))
-        s_alpha, s_beta = self.s_alpha.to(dtype), self.s_beta.to(dtype)
-        return a_m + s_alpha * t[..., 0], a_r + s_alpha * t[..., 1:-1], b + s_beta * t[..., -1]
+
+def coefficient_tables(connections: list[HyperConnection], dtype: torch.dtype) -> list[tuple]:
+    """Per connection (proj [d, n+2] | None, static [n, n+2], scale [n+2] | None, floor): the
+    inputs of `dynamic_table`, from the parameters of all sublayers stacked (a few ops per
+    forward instead of a dozen per read). static = [A_m | A_r | B], scale = (s_alpha x (n+1),
+    s_beta), proj = sqrt(d) * norm weight * [W_m | W_r | W_beta], floor = sqrt(d * eps)."""
+
+    params = [c._parameters for c in connections]  # (getattr on a Module costs ~0.5 µs)
+
+    def stacked(name):
+        return cast(torch.stack([p[name] for p in params]), dtype)
+
+    a_m, a_r, b = map(stacked, STATIC)
+    static = torch.cat([a_m.unsqueeze(-1), a_r, b.unsqueeze(-1)], -1).unbind()
+    if not connections[0].dynamic:
+        return [(None, s, None, None) for s in static]
+    w_m, w_r, w_b, weight, s_alpha, s_beta = map(stacked, DYNAMIC)
+    d, n = w_r.shape[-2:]
+    # built as rows [n+2, d] (a cat along d is several times faster than one along n+2)
+    proj = torch.cat([w_m.unsqueeze(-2), w_r.mT, w_b.unsqueeze(-2)], -2)
+    proj = (proj * (weight * math.sqrt(d)).unsqueeze(-2)).mT
+    scale = torch.stack([s_alpha] * (n + 1) + [s_beta], -1)
+    floor = torch.full((), math.sqrt(d * connections[0].eps), dtype=dtype, device=a_m.device)
+    return [(p, s, c, floor) for p, s, c in zip(proj.unbind(), static, scale.unbind())]
 
 
 @register_depth_operator("hyper")
@@ -143,37 +299,82 @@ class HyperConnections(DepthOperator):
     def new_connection(self, config, index: int) -> nn.Module:
         return HyperConnection(config.d_model, self.n, index, self.options.dynamic, config.norm_eps)
 
+    # ---------------------------------------------------------------- per-sublayer math
+    def site_tables(self, dtype: torch.dtype) -> dict[int, tuple]:
+        """What each active sublayer's read needs (by site index), computed once per forward."""
+        if not self.connections:
+            return {}
+        tables = coefficient_tables(list(self.connections.values()), dtype)
+        return dict(zip(map(int, self.connections), tables))
+
+    def coefficients(self, tables, streams: Tensor) -> Tensor:
+        """The coefficient table C [N, n, n+2] (A_m | A_r | B; [n, n+2] for static HC)."""
+        proj, static, scale, floor = tables
+        return static if proj is None else dynamic_table(streams, proj, static, scale, floor)[0]
+
+    def read_streams(self, tables, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h_in [N, 1, d], mixed streams [N, n, d], write [N, n, 1]) for streams [N, n, d]."""
+        proj, static, scale, floor = tables
+        if proj is not None:
+            return HyperRead.apply(streams, proj, static, scale, floor)
+        table = static.expand(streams.shape[0], -1, -1).contiguous()  # (bmm: no stride-0 batch)
+        return self.mix_streams(streams, table)
+
+    def mix_streams(self, streams: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h_in, mixed = StreamMix.apply(streams, table[..., :self.n + 1])
+        return h_in, mixed, table[..., self.n + 1:]
+
+    def decode_read(self, tables, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A decode step's read, streams [B, n, d]: every weighted sum of the streams is a row
+        of one matmul (the last row, weighted by B, is not needed)."""
+        table = self.coefficients(tables, streams)
+        sums = torch.bmm(table.mT, streams) if table.dim() == 3 else torch.matmul(table.mT, streams)
+        h_in, mixed, _ = sums.split_with_sizes([1, self.n, 1], dim=-2)
+        return h_in, mixed, table[..., self.n + 1:]
+
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
+        autocast = torch.is_autocast_enabled(x0.device.type)
+        if is_decode_step(x0):  # [B, 1, d]: the streams as [B, n, d]
+            return StreamState(x0.expand(-1, self.n, -1), decode=True, autocast=autocast)
         streams = x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n, x0.shape[-1])
-        return StreamState(streams.contiguous())
+        return StreamState(streams.contiguous(), autocast=autocast)
 
     def read(self, state, site, norm, ctx):
-        key = str(site.index)
         streams = state.streams
-        if key not in self.connections:  # inactive: standard residual on every stream
+        if state.tables is None:
+            state.tables = self.site_tables(compute_dtype(streams.dtype))
+        tables = state.tables.get(site.index)
+        if tables is None:  # inactive: standard residual on every stream
             state.residual, state.write = None, None
-            return norm(streams.mean(-2))
-        with torch.autocast(streams.device.type, enabled=False):
-            work = streams.to(compute_dtype(streams.dtype))
-            read, mix, write = self.connections[key].coefficients(work)
-            h_in, state.residual = width_connection(work, read, mix)
-            state.write = write
-        return norm(h_in.to(streams.dtype))
+            return norm(streams.mean(-2, keepdim=state.decode))
+        with stream_math(state, streams):
+            work = cast(streams, compute_dtype(streams.dtype))
+            if state.decode:
+                h_in, state.residual, state.write = self.decode_read(tables, work)
+            else:
+                h_in, state.residual, state.write = self.read_streams(tables, work.flatten(0, -3))
+                h_in = h_in.view(streams.shape[:-2] + h_in.shape[-1:])
+        return norm(cast(h_in, streams.dtype))
 
     def write(self, state, site, out, ctx):
         dtype = state.streams.dtype
-        with torch.autocast(out.device.type, enabled=False):
+        with stream_math(state, out):
             if state.residual is None:
-                state.streams = state.streams + out.to(dtype).unsqueeze(-2)
+                out = cast(out, dtype)
+                state.streams = state.streams + (out if state.decode else out.unsqueeze(-2))
+            elif state.decode:  # [B, n, d] + B [B, n, 1] * out [B, 1, d]
+                out = cast(out, state.residual.dtype)
+                state.streams = cast(torch.addcmul(state.residual, state.write, out), dtype)
             else:
-                out = out.to(state.residual.dtype)
-                state.streams = depth_connection(state.residual, state.write, out).to(dtype)
+                out = cast(out, state.residual.dtype).reshape(-1, 1, out.shape[-1])
+                streams = StreamWrite.apply(state.residual, state.write, out)
+                state.streams = cast(streams.view(state.streams.shape), dtype)
         state.residual = state.write = None
         return state
 
     def finalize(self, state, ctx):
-        return state.streams.sum(-2)
+        return state.streams.sum(-2, keepdim=state.decode)
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:

@@ -45,16 +45,21 @@ per-sublayer modules; a learned collapse, as in DeepSeek-V4, would make the last
 
 depth_layers: as in hyper.py, an inactive sublayer reads the stream mean and adds its output to
 every stream.
+
+Implementation: the stream mixing, the decode-step path and the hand-written backward passes of
+hyper.py, with mHC's coefficient table; Sinkhorn-Knopp has its own backward (`SinkhornKnopp`:
+its 2 * t_max normalisations of [..., n, n] matrices cost by their count of ops).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.hyper import HyperConnections
+from resstream.depth.hyper import HyperConnections, NormalizedProjection, cast
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
@@ -65,11 +70,42 @@ RES_BIAS = 2.0  # b_res = RES_BIAS * I
 
 def sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
     """exp(logits) alternately row- and column-normalised `iters` times, [..., n, n]."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return SinkhornKnopp.apply(logits, iters)
     matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
     for _ in range(iters):
-        matrix = matrix / matrix.sum(-1, keepdim=True)
-        matrix = matrix / matrix.sum(-2, keepdim=True)
+        matrix = matrix.div_(matrix.sum(-1, keepdim=True))
+        matrix = matrix.div_(matrix.sum(-2, keepdim=True))
     return matrix
+
+
+class SinkhornKnopp(torch.autograd.Function):
+    """`sinkhorn_knopp` with a hand-written backward. Its 2 * iters normalisations are tiny
+    [..., n, n] ops whose cost is their count: per normalisation M' = M / s, s = sum(M), the
+    gradient dM = (dM' - sum(dM' * M')) / s is four ops, where autograd runs two nodes, about
+    six kernels and a gradient accumulation. (The max subtracted before exp is a constant here:
+    the result does not depend on it.)"""
+
+    @staticmethod
+    def forward(ctx, logits, iters):
+        matrix = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))
+        saved = [matrix]
+        for _ in range(iters):
+            for dim in (-1, -2):
+                sums = matrix.sum(dim, keepdim=True)
+                matrix = matrix / sums
+                saved += [matrix, sums]
+        ctx.save_for_backward(*saved)
+        return matrix
+
+    @staticmethod
+    def backward(ctx, grad):
+        exp, *saved = ctx.saved_tensors
+        for step in reversed(range(len(saved) // 2)):
+            matrix, sums = saved[2 * step], saved[2 * step + 1]
+            dim = -1 if step % 2 == 0 else -2
+            grad = grad.sub((grad * matrix).sum(dim, keepdim=True)).div_(sums)
+        return grad * exp, None
 
 
 class ManifoldConnection(nn.Module):
@@ -96,16 +132,17 @@ class ManifoldConnection(nn.Module):
         """(H_pre [..., n], H_res^T [..., n, n] (row j = from stream j), H_post [..., n])."""
         n, dtype = self.n, streams.dtype
         flat = streams.flatten(-2)  # [B, T, n*d]
-        inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1).square() / flat.shape[-1]
-                              + self.eps)
-        proj = torch.matmul(flat, self.phi.to(dtype)) * inv_rms[..., None]
-        pre = torch.sigmoid(self.alpha_pre.to(dtype) * proj[..., :n] + self.b_pre.to(dtype))
-        post = 2 * torch.sigmoid(self.alpha_post.to(dtype) * proj[..., n:2 * n]
-                                 + self.b_post.to(dtype))
-        res_logits = (self.alpha_res.to(dtype) * proj[..., 2 * n:].unflatten(-1, (n, n))
-                      + self.b_res.to(dtype))
-        res = sinkhorn_knopp(res_logits, self.sinkhorn_iters)
-        return pre, res.transpose(-1, -2), post
+        size = flat.shape[-1]  # x~ phi = (x sqrt(nd) phi) / hypot(|x|, sqrt(nd eps))
+        floor = torch.full((), math.sqrt(size * self.eps), dtype=dtype, device=flat.device)
+        proj = NormalizedProjection.apply(flat, cast(self.phi, dtype) * math.sqrt(size), floor)
+        # alpha * proj + b for the pre | post | res columns at once
+        scale = torch.cat([self.alpha_pre.expand(n), self.alpha_post.expand(n),
+                           self.alpha_res.expand(n * n)])
+        bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
+        logits = torch.addcmul(cast(bias, dtype), proj, cast(scale, dtype))
+        pre, post, res = logits.split_with_sizes([n, n, n * n], dim=-1)
+        res = sinkhorn_knopp(res.unflatten(-1, (n, n)), self.sinkhorn_iters)
+        return torch.sigmoid(pre), res.mT, 2 * torch.sigmoid(post)
 
 
 @register_depth_operator("mhc")
@@ -132,3 +169,15 @@ class ManifoldHyperConnections(HyperConnections):
     def new_connection(self, config, index: int) -> nn.Module:
         return ManifoldConnection(config.d_model, self.n, index, self.options.init,
                                   self.options.sinkhorn_iters, config.norm_eps)
+
+    def site_tables(self, dtype: torch.dtype) -> dict[int, nn.Module]:
+        # each read computes its coefficients itself
+        return {int(key): connection for key, connection in self.connections.items()}
+
+    def coefficients(self, connection, streams: Tensor) -> Tensor:
+        """The table [N, n, n+2]: H_pre | H_res^T | H_post (HC's A_m | A_r | B)."""
+        pre, res_t, post = connection.coefficients(streams)
+        return torch.cat([pre.unsqueeze(-1), res_t, post.unsqueeze(-1)], -1)
+
+    def read_streams(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.mix_streams(streams, self.coefficients(connection, streams))
