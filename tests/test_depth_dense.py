@@ -524,3 +524,50 @@ def test_metadata(name):
 def test_bad_options_are_user_errors(name, options, match):
     with pytest.raises(UserError, match=match):
         tiny_config(depth=name, depth_options=options, n_layers=6)
+
+
+# ------------------------------------------------------------------ (5) MUDD's hand-written backward
+@pytest.mark.parametrize("active, mixer_options", [([0, 1], {}), ([1, 3], {}),
+                                                  (None, {"replace_attention": True})],
+                         ids=["last-block-inactive", "first-block-inactive", "no-attention"])
+def test_mudd_gradients_match_reference_in_more_layouts(active, mixer_options):
+    """The DAs pass one source-gradient buffer down a chain (_Aggregate): the first DA of the
+    backward need not cover every slot, and single-stream DAs take the C = 1 path."""
+    model = build("mudd", {}, "shortswa", n_layers=4, depth_layers=active,
+                  mixer_options=mixer_options)
+    ids = ids_for(model, batch=2)
+    probe = torch.randn(2, ids.shape[1], model.config.vocab_size, dtype=torch.float64)
+    params = list(model.parameters())
+    got = torch.autograd.grad((model(ids) * probe).sum(), params)
+    want = torch.autograd.grad((mudd_reference(model, ids) * probe).sum(), params)
+    for (pname, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, **TIGHT, msg=lambda m, pname=pname: f"{pname}: {m}")
+
+
+def test_mudd_backward_twice_through_a_retained_graph():
+    """Each backward pass accumulates into a fresh source-gradient buffer."""
+    model = build("mudd", {}, "shortswa", n_layers=3)
+    ids = ids_for(model)
+    loss = model(ids).square().sum()
+    params = list(model.parameters())
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    second = torch.autograd.grad(loss, params)
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_shape", [None, (5,), (3, 5)])
+def test_mudd_fused_rms_norm_matches_the_module(weight_shape):
+    from resstream.depth.mudd import rms_norm
+    from resstream.layers import RMSNorm
+
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = None if weight_shape is None else torch.randn(weight_shape, dtype=torch.float64,
+                                                            requires_grad=True)
+    inputs = (x,) if weight is None else (x, weight)
+    torch.autograd.gradcheck(lambda *a: rms_norm(a[0], a[1] if len(a) > 1 else None, 1e-5), inputs)
+    module = RMSNorm(5, 1e-5, affine=False).double()
+    want = module(x) if weight is None else weight * module(x)
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), want, **TIGHT)
+    half = x.detach().bfloat16()  # half dtypes keep the module's float32 arithmetic
+    torch.testing.assert_close(rms_norm(half, None, 1e-5), module(half), rtol=0, atol=0)

@@ -44,12 +44,16 @@ Other choices:
   in front of it); the last DA (the output) exists iff the last block is active. Parameters:
   `das[str(i)]` = the DA after 0-based block i.
 - Implementation: X_0..X_L are written once each into one preallocated [B, T, L+1, d] buffer
-  (a small custom autograd function, the idea of DenseFormer's in-place accumulators), and the
-  C streams of a DA come out of one batched matmul A [B, T, C, i+1] @ buffer[:, :, :i+1]:
-  nothing is re-stacked per block, so copies and saved activations grow as O(L), not O(L^2).
-  Streams that equal X_i (block 1, inactive blocks) are passed as one tensor, so attention sees
-  an ordinary input. Q, K, V stay one [B, T, 3, d] tensor until attention: the mixer's delta is
-  added once and the three norms run as one (per-stream weights), fewer kernels per block.
+  (the idea of DenseFormer's in-place accumulators), and the C streams of a DA come out of one
+  batched matmul A [B, T, C, i+1] @ buffer[:, :, :i+1]: nothing is re-stacked per block, so
+  copies and saved activations grow as O(L), not O(L^2). Training fast path: the DAs are one
+  hand-written autograd function each (_Aggregate), chained so that their backward passes add
+  into one source-gradient buffer in place (no fresh [B, T, i+1, d] gradient per DA to
+  allocate and sum), and the norms of the Q, K, V streams and of the DA inputs are one fused
+  function each (_RMSNorm: fewer passes, saves only the normalised input). Streams that equal
+  X_i (block 1, inactive blocks) are passed as one tensor, so attention sees an ordinary input.
+  Q, K, V stay one [B, T, 3, d] tensor until attention: the mixer's delta is added once and the
+  three norms run as one (per-stream weights), fewer kernels per block.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from resstream.depth.base import DepthOperator, QKVViews
 from resstream.layers import RMSNorm
@@ -78,49 +83,153 @@ def da_hidden_width(n_sources: int, n_streams: int, last: bool, multiple: int,
     return (width // multiple + 1) * multiple if multiple else width
 
 
-class _WriteSlot(torch.autograd.Function):
-    """Write x into slot `index` of a preallocated [B, T, N, d] buffer and return the filled
-    prefix [B, T, index+1, d], a tensor on the buffer's storage with its own version counter:
-    later writes go to later slots, so the prefixes earlier DAs saved for backward stay valid.
-    Backward splits the prefix gradient into the previous prefix's and x's."""
+class _RMSNorm(torch.autograd.Function):
+    """weight * x * rsqrt(mean(x^2) + eps) (weight None: scale-free), same arithmetic as
+    RMSNorm for float32/float64 inputs, with a hand-written backward: it saves only the
+    normalised x and the [..., 1] scale (not x itself) and takes ~7 passes over x instead of
+    autograd's ~12 (pow, mean, rsqrt, two muls and their backward, kept apart)."""
 
     @staticmethod
-    def forward(ctx, previous: Tensor | None, x: Tensor, sources: "SourceStack", index: int):
-        buffer = sources.buffer
-        buffer[:, :, index].copy_(x)
-        ctx.index = index
-        b, t, _, d = buffer.shape
-        prefix = buffer.new_empty(0)
-        prefix.set_(buffer.untyped_storage(), buffer.storage_offset(), (b, t, index + 1, d),
-                    buffer.stride())
-        return prefix
+    def forward(ctx, x: Tensor, weight: Tensor | None, eps: float):
+        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x * scale
+        ctx.save_for_backward(normed, scale, weight)
+        return normed if weight is None else weight * normed
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
-        index = ctx.index
-        previous_grad = grad[:, :, :index] if index > 0 else None
-        return previous_grad, grad[:, :, index], None, None
+        normed, scale, weight = ctx.saved_tensors
+        grad_weight = None
+        if weight is not None:
+            product = grad * normed
+            if ctx.needs_input_grad[1]:
+                grad_weight = product.sum_to_size(weight.shape)
+            grad = grad * weight
+            dot = (product * weight).sum(-1, keepdim=True)
+        else:
+            dot = (grad * normed).sum(-1, keepdim=True)
+        # d/dx of x r with r = rsqrt(mean(x^2) + eps): r (g - x_hat mean(g x_hat))
+        grad_x = grad.addcmul(normed, dot, value=-1.0 / normed.shape[-1]).mul_(scale)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm of x (weight broadcast over x's leading dims): the fused function for float32
+    and float64, the module's arithmetic otherwise (half dtypes normalise in float32)."""
+    if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype):
+        return _RMSNorm.apply(x, weight, eps)
+    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else weight * out
 
 
 class SourceStack:
     """X_0, X_1, ... of one forward in one [B, T, capacity, d] buffer. A DA reads the filled
     prefix directly: no re-stacking of all earlier outputs at every block (O(L) copies and saved
-    activations instead of O(L^2)). A fresh buffer per forward; never reused across forwards."""
+    activations instead of O(L^2)). A fresh buffer per forward; never reused across forwards.
+    The DAs' backward passes accumulate the sources' gradient in one buffer of the same shape,
+    handed from DA to DA through autograd as the gradient of `carrier` (see _Aggregate)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.buffer: Tensor | None = None
-        self.prefix: Tensor | None = None
         self.count = 0
         self.last: Tensor | None = None  # the newest source, as a plain tensor
+        self.pending: list[Tensor] = []  # sources appended since the last DA (its new inputs)
+        self.carrier: Tensor | None = None  # the last DA's carrier output (None before the first)
 
     def append(self, x: Tensor) -> None:
         if self.buffer is None:
             b, t, d = x.shape
             self.buffer = x.new_empty(b, t, self.capacity, d)
-        self.prefix = _WriteSlot.apply(self.prefix, x, self, self.count)
+        with torch.no_grad():  # the gradient reaches x through the DA that first reads it
+            self.buffer[:, :, self.count].copy_(x)
         self.count += 1
         self.last = x
+        self.pending.append(x)
+
+    def prefix(self, n: int) -> Tensor:
+        return self.buffer[:, :, :n]
+
+    def alias(self) -> Tensor:
+        """The whole buffer as a new tensor on its storage, with its own version counter (later
+        slot writes through `buffer` do not invalidate it)."""
+        alias = self.buffer.new_empty(0)
+        return alias.set_(self.buffer.untyped_storage(), self.buffer.storage_offset(),
+                          self.buffer.shape, self.buffer.stride())
+
+
+class _Aggregate(torch.autograd.Function):
+    """streams [B, T, C, d] = weights [B, T, C, n] @ sources X_0..X_{n-1} [B, T, n, d], returned
+    as (X^R [B, T, d],) for C = 1 or (X^{Q,K,V} [B, T, 3, d], X^R [B, T, d]) for C = 4 (views of
+    one product: no split, and no cat of their gradients in the backward).
+
+    Autograd's matmul would return a fresh [B, T, n, d] source gradient per DA, which the
+    chain of prefixes then adds up: O(L^2) freshly allocated traffic in the backward. Here the
+    DAs form a chain through `carrier` (a [B, T, capacity, d] alias of the source buffer): the
+    last DA's backward allocates one source-gradient buffer, each DA adds its weights^T @ grad
+    into the first n slots in place and passes the buffer on as the carrier's gradient, and the
+    sources it reads first (`new_sources`, its formal inputs) take their finished slots. The
+    carrier edge makes every later DA's backward run before this one's, so those slots are
+    complete. Saves only the weights (the buffer's prefix is never overwritten)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, carrier: Tensor | None, sources: SourceStack, n: int,
+                *new_sources: Tensor):
+        ctx.set_materialize_grads(False)
+        # the buffer only, not the stack: the stack refers to outputs of this graph (a cycle)
+        ctx.buffer, ctx.n, ctx.n_new = sources.buffer, n, len(new_sources)
+        ctx.save_for_backward(weights)
+        streams = torch.matmul(weights, sources.prefix(n))
+        if streams.shape[2] == 1:
+            return streams[:, :, 0], sources.alias()
+        return streams[:, :, :-1], streams[:, :, -1], sources.alias()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        (weights,) = ctx.saved_tensors
+        buffer, n = ctx.buffer, ctx.n
+        prefix = buffer[:, :, :n]
+        *grad_streams, grad_carrier = grads
+        grad_streams = [None if g is None else g.to(prefix.dtype) for g in grad_streams]
+        if len(grad_streams) == 2:  # (views [B, T, 3, d], residual [B, T, d])
+            grad_views, grad_residual = grad_streams
+            per_stream = [None if grad_views is None else grad_views[:, :, c] for c in range(3)]
+            per_stream.append(grad_residual)
+            blocks = [grad_views, None if grad_residual is None else grad_residual[:, :, None]]
+        else:
+            per_stream = grad_streams
+            blocks = [None if grad_streams[0] is None else grad_streams[0][:, :, None]]
+        fresh = grad_carrier is None  # the first DA of this backward pass: a new buffer
+        if fresh:
+            grad_carrier = torch.empty_like(buffer)
+            grad_carrier[:, :, n:].zero_()
+        grad_prefix = grad_carrier[:, :, :n]
+        grad_weights = None
+        if any(g is not None for g in per_stream):
+            # grad @ prefix^T per block of streams ([B, T, c, n], small), zeros where unused
+            grad_weights = torch.cat([
+                weights.new_zeros(*weights.shape[:2], size, n) if g is None
+                else torch.matmul(g, prefix.transpose(-1, -2)).to(weights.dtype)
+                for g, size in zip(blocks, (3, 1) if len(blocks) == 2 else (1,))], 2)
+            # weights^T @ grad as C in-place multiply-adds into the buffer: a bmm here (1024
+            # tiny gemms) writes a fresh [B, T, n, d] tensor, slow to allocate and add on CPU
+            weights = weights.to(prefix.dtype)
+            for c, g in enumerate(per_stream):
+                if g is None:
+                    continue
+                if fresh:  # the first term overwrites (no zero fill of the new buffer)
+                    torch.mul(weights[:, :, c, :, None], g[:, :, None, :], out=grad_prefix)
+                    fresh = False
+                else:
+                    grad_prefix.addcmul_(weights[:, :, c, :, None], g[:, :, None, :])
+        if fresh:
+            grad_prefix.zero_()
+        grad_new = [grad_carrier[:, :, j] for j in range(n - ctx.n_new, n)]
+        grad_previous = grad_carrier if ctx.needs_input_grad[1] else None
+        return (grad_weights, grad_previous, None, None, *grad_new)
 
 
 class DynamicAggregate(nn.Module):
@@ -140,14 +249,18 @@ class DynamicAggregate(nn.Module):
 
     def weights(self, current: Tensor) -> Tensor:
         """A [B, T, C, n] from the current output X_i [B, T, d]."""
-        dynamic = self.w2(F.gelu(self.w1(self.norm(current))))
+        dynamic = self.w2(F.gelu(self.w1(rms_norm(current, None, self.norm.eps))))
         b, t, _ = current.shape
         return dynamic.view(b, t, self.n_streams, self.n_sources) + self.prior.to(current.dtype)
 
-    def forward(self, sources: SourceStack) -> Tensor:
-        """X_0..X_i (the stack's filled prefix [B, T, i+1, d]) -> streams [B, T, C, d]."""
+    def forward(self, sources: SourceStack) -> tuple[Tensor, ...]:
+        """X_0..X_i (the stack's filled prefix [B, T, i+1, d]) -> (X^R [B, T, d],) for C = 1,
+        (X^{Q,K,V} [B, T, 3, d], X^R [B, T, d]) for C = 4."""
         assert sources.count == self.n_sources
-        return torch.matmul(self.weights(sources.last), sources.prefix)
+        *streams, sources.carrier = _Aggregate.apply(self.weights(sources.last), sources.carrier,
+                                                     sources, self.n_sources, *sources.pending)
+        sources.pending = []
+        return tuple(streams)
 
 
 @dataclass
@@ -194,7 +307,6 @@ class MUDD(DepthOperator):
             for i in range(1, self.n_layers):
                 if str(i - 1) in self.das:
                     self.kv_norms[str(i)] = nn.ModuleList(RMSNorm(d, config.norm_eps) for _ in range(2))
-        self.unit_norm = RMSNorm(d, config.norm_eps, affine=False)
         self.last_da = max((int(i) for i in self.das), default=-1)
 
     # ---------------------------------------------------------------- hooks
@@ -213,12 +325,12 @@ class MUDD(DepthOperator):
     def _normalise_views(self, views: Tensor, norm: nn.Module, layer: int) -> Tensor:
         """Norm of the Q, K, V streams [B, T, 3, d] in one pass: attention's norm for Q and,
         with separate_norms, this block's own K and V norms (same arithmetic as RMSNorm)."""
-        if str(layer) not in self.kv_norms:
-            return norm(views)  # one norm for all three, broadcast over the stream axis
+        if str(layer) not in self.kv_norms:  # one norm for all three, broadcast over the streams
+            return rms_norm(views, norm.weight, norm.eps) if type(norm) is RMSNorm else norm(views)
         k_norm, v_norm = self.kv_norms[str(layer)]
         if isinstance(norm, RMSNorm) and norm.weight is not None and norm.eps == k_norm.eps:
             weight = torch.stack([norm.weight, k_norm.weight, v_norm.weight])  # [3, d]
-            return weight * self.unit_norm(views)
+            return rms_norm(views, weight, norm.eps)
         q, k, v = views.unbind(2)
         return torch.stack([norm(q), k_norm(k), v_norm(v)], 2)
 
@@ -239,12 +351,11 @@ class MUDD(DepthOperator):
         if aggregate is None:  # the next block reads the plain residual X_i for every stream
             state.views = None
             return
-        streams = aggregate(state.sources)  # [B, T, C, d]
+        streams = aggregate(state.sources)
         if aggregate.n_streams == 1:  # the last DA (or no attention): R only
-            state.stream, state.views = streams.squeeze(2), None
+            state.stream, state.views = streams[0], None
             return
-        views, residual = streams.split([3, 1], dim=2)  # split: its backward is one cat
-        state.stream, state.views = residual.squeeze(2), views
+        state.views, state.stream = streams
 
     def finalize(self, state, ctx):
         return state.stream
