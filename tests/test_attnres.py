@@ -4,7 +4,8 @@ learned weight, depth_layers, decoding and options."""
 import pytest
 import torch
 
-from resstream.depth.attnres import NormalizedScores, SoftmaxMerge
+from resstream.depth.attnres import (DepthSources, NormalizedScores, SoftmaxMerge,
+                                     phase_statistics, settle)
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
 from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
@@ -141,6 +142,49 @@ def test_custom_functions_gradcheck():
                                     (mix, lse, query, *recent, *logits))
     assert torch.autograd.gradcheck(lambda v, q: NormalizedScores.apply(v, q, 1e-3),
                                     (partial, rand(4, 3)))
+
+
+@pytest.mark.parametrize("capacity,n_columns", [(1, 2), (8, 2), (8, 1)])
+def test_phase_statistics_over_buffer(capacity, n_columns):
+    """The phase mix read from the source buffer (growing it when `capacity` is too small)
+    equals softmax(logits) @ values, values and gradients included (PhaseMix's backward)."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(2, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
+              for _ in range(5)]
+    logits = [torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+              for _ in range(5)]
+    columns = range(1, 1 + n_columns)  # one column: the final read's outer-product backward
+
+    def ours():
+        sources = DepthSources(torch.float64, "cpu", None, capacity)
+        for split in ([0, 1], [2], [3, 4]):  # three phases: the buffer fills in steps
+            sources.recent = [(values[i], logits[i]) for i in split]
+            settle(sources)
+        mix, lse = phase_statistics(sources, columns)
+        return mix, lse
+
+    def reference():
+        z = torch.stack([l[..., columns.start:columns.stop] for l in logits], -1)  # [B,T,n,m]
+        return torch.softmax(z, -1) @ torch.stack(values, -2), torch.logsumexp(z, -1)
+
+    weights = [torch.randn(2, 3, n_columns, 5, generator=gen, dtype=torch.float64),
+               torch.randn(2, 3, n_columns, generator=gen, dtype=torch.float64)]
+    results = []
+    for fn in (ours, reference):
+        outputs = fn()
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outputs, weights)),
+                                    values + logits)
+        results.append((outputs, grads))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *v: phase_statistics(
+        _settled(list(zip(v, logits)), capacity), columns)[0], tuple(values))
+
+
+def _settled(pairs, capacity):
+    sources = DepthSources(torch.float64, "cpu", None, capacity)
+    sources.recent = pairs
+    settle(sources)
+    return sources
 
 
 @pytest.mark.parametrize("depth,options,changes", [

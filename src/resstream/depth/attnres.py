@@ -52,14 +52,17 @@ Implementation (reads are memory-bound, so the point is few passes over [B, T, d
   factor does not depend on the query and the key norm's weight folds into the query, so every
   source's logits for ALL queries of the model are one GEMM when the source is appended.
 - Kimi's two-phase schedule: reads run in phases of whole blocks (>= 4 reads). At a phase start
-  the sources so far are stacked into groups [B, T, c, d] (each source is copied about once) and
-  the softmax mix and logsumexp over them are computed for all the phase's queries at once
-  (batched matmul). Each read then merges that mix with the sources added during the phase and
-  the running partial sum by an exact online-softmax merge.
-- Hand-written backward passes (NormalizedScores, SoftmaxMerge) avoid autograd's per-term
-  temporaries. No Python loop over tokens, no per-read copy of the source stack.
+  the new sources are copied once into a per-forward buffer [B, T, capacity, d] (`settle`) and
+  the softmax mix and logsumexp over its filled prefix are computed for all the phase's queries
+  at once: one batched matmul over the buffer, read in place (`PhaseMix`, whose backward returns
+  the sources' gradients as slices of one product: no re-stacking, no cat in either pass).
+  Each read then merges that mix with the sources added during the phase and the running
+  partial sum by an exact online-softmax merge.
+- Hand-written backward passes (NormalizedScores, PhaseMix, SoftmaxMerge) avoid autograd's
+  per-term temporaries. No Python loop over tokens, no per-read copy of the source stack.
 Logits, softmax and mixes run in float32 (float64 for a float64 model) with autocast off; the
-sources are stored in the stream's dtype (the embedding's, as in `standard`).
+sources are stored in the stream's dtype (the embedding's, as in `standard`), their copies in
+the phase buffer in the compute dtype.
 """
 from __future__ import annotations
 
@@ -68,12 +71,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from resstream.depth.base import DepthOperator, is_decode_step
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
-CHUNK = 4  # sources per stacked group, and the minimum number of reads per phase
+CHUNK = 4  # the minimum number of reads per phase
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,14 +172,16 @@ class SoftmaxMerge(torch.autograd.Function):
 @dataclass
 class DepthSources:
     """Depth sources of one forward pass. Each source carries its logits for every query of the
-    model (computed once, when it is appended). Sources are `settled` into stacked groups
-    (values [B, T, c, d], logits [B, T, c, n_queries]) when a phase starts; the ones appended
-    since then are `recent`."""
+    model (computed once, when it is appended). When a phase starts the sources appended since
+    the last one (`recent`) are `settled`: copied once into `buffer` [B, T, capacity, d] (compute
+    dtype, a fresh one per forward, slots never overwritten), which the phase mix reads directly."""
 
     dtype: torch.dtype  # the stream's dtype (the embedding's), in which sources are stored
     device_type: str
     queries: Tensor | None  # [n_queries, d] folded pseudo-queries w * g (compute dtype)
-    settled: list = field(default_factory=list)  # [(values [B,T,c,d], logits [B,T,c,n_q])]
+    capacity: int = CHUNK  # expected number of sources (the buffer grows if needed)
+    buffer: Tensor | None = None  # [B, T, capacity, d] settled values (compute dtype, no autograd)
+    settled: list = field(default_factory=list)  # [(value [B,T,d], logits [B,T,n_q])]
     recent: list = field(default_factory=list)  # [(value [B,T,d], logits [B,T,n_q])]
     phase_columns: range = range(0)  # query columns of the current phase
     phase_mix: tuple = ()  # per phase query: [B, T, d] softmax mix over the settled sources
@@ -191,32 +197,63 @@ class AttnResState:
 
 
 def settle(sources: DepthSources) -> None:
-    """Move the recent sources into stacked groups (each source is copied about once)."""
+    """Copy the recent sources into the buffer's next slots (each source is copied once)."""
     if not sources.recent:
         return
-    values = torch.stack([v for v, _ in sources.recent], dim=-2)
-    logits = torch.stack([z for _, z in sources.recent], dim=-2)
+    count, new = len(sources.settled), len(sources.recent)
+    first = sources.recent[0][0]
+    dtype = compute_dtype(sources.dtype)
+    with torch.no_grad():  # the gradient reaches the sources through PhaseMix's inputs
+        if sources.buffer is None or count + new > sources.buffer.shape[-2]:
+            # a fresh buffer (earlier phases keep the old one, whose prefix stays valid)
+            capacity = max(sources.capacity, 2 * (count + new))
+            buffer = first.new_empty(*first.shape[:-1], capacity, first.shape[-1], dtype=dtype)
+            if count:
+                buffer[..., :count, :].copy_(sources.buffer[..., :count, :])
+            sources.buffer = buffer
+        for slot, (v, _) in enumerate(sources.recent, start=count):
+            sources.buffer[..., slot, :].copy_(v)
+    sources.settled.extend(sources.recent)
     sources.recent = []
-    if sources.settled and sources.settled[-1][0].shape[-2] + values.shape[-2] <= CHUNK:
-        last_values, last_logits = sources.settled.pop()
-        values = torch.cat([last_values, values], dim=-2)
-        logits = torch.cat([last_logits, logits], dim=-2)
-    sources.settled.append((values, logits))
+
+
+class PhaseMix(torch.autograd.Function):
+    """mix [B, T, n, d] = weights [B, T, n, m] @ the settled sources: one batched matmul over
+    `prefix` [B, T, m, d] (the buffer's filled slots, read in place: no re-stacking). The sources
+    are the formal inputs `values`; their gradients are slices of one [B, T, m, d] product."""
+
+    @staticmethod
+    def forward(ctx, weights, prefix, *values):
+        b, t, n, m = weights.shape
+        ctx.prefix, ctx.dtypes = prefix, [v.dtype for v in values]  # prefix: never overwritten
+        ctx.save_for_backward(weights)
+        w = weights.reshape(b * t, n, m)
+        return torch.bmm(w, prefix.reshape(b * t, m, -1)).view(b, t, n, -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (weights,) = ctx.saved_tensors
+        b, t, n, m = weights.shape
+        prefix = ctx.prefix.reshape(b * t, m, -1)
+        grad = grad.reshape(b * t, n, -1)
+        grad_weights = torch.bmm(grad, prefix.transpose(1, 2)).view(weights.shape)
+        weights_t = weights.reshape(b * t, n, m).transpose(1, 2)
+        # one query (the final read): an outer product per token, faster than bmm's inner dim 1
+        grad_prefix = weights_t * grad if n == 1 else torch.bmm(weights_t, grad)
+        grad_prefix = grad_prefix.view(b, t, m, -1)
+        return (grad_weights, None,
+                *(grad_prefix[:, :, i].to(dtype) for i, dtype in enumerate(ctx.dtypes)))
 
 
 def phase_statistics(sources: DepthSources, columns: range) -> tuple[Tensor, Tensor]:
     """Phase 1, batched over the queries of a phase: the softmax mix [B, T, n, d] over all
     settled sources and the logsumexp [B, T, n] of their logits, for query columns `columns`."""
-    logits = torch.cat([z[..., columns.start:columns.stop] for _, z in sources.settled], dim=-2)
+    logits = torch.stack([z[..., columns.start:columns.stop] for _, z in sources.settled], -2)
     lse = torch.logsumexp(logits, dim=-2)  # [B, T, n]
     weights = torch.exp(logits - lse.unsqueeze(-2)).transpose(-1, -2)  # [B, T, n, m]
-    sizes = [v.shape[-2] for v, _ in sources.settled]
-    mix = None
-    for (v, _), w in zip(sources.settled, weights.split(sizes, dim=-1)):
-        w, v = w.reshape(-1, *w.shape[-2:]), v.to(w.dtype).reshape(-1, *v.shape[-2:])
-        # batched over tokens: [n, c] @ [c, d], accumulated by the fused baddbmm
-        mix = torch.bmm(w, v) if mix is None else torch.baddbmm(mix, w, v)
-    return mix.view(*lse.shape, -1), lse
+    prefix = sources.buffer[..., :len(sources.settled), :]
+    return PhaseMix.apply(weights, prefix, *(v for v, _ in sources.settled)), lse
 
 
 class PseudoQueryReads(DepthOperator):
@@ -274,7 +311,9 @@ class PseudoQueryReads(DepthOperator):
 
     def _new_state(self, x0: Tensor, keep_total: bool) -> AttnResState:
         queries = self.folded_queries(compute_dtype(x0.dtype))
-        sources = DepthSources(x0.dtype, x0.device.type, queries)
+        # capacity: the embedding and every completed block (one more for the partial)
+        capacity = len(self.sites) // self.block_size + 2
+        sources = DepthSources(x0.dtype, x0.device.type, queries, capacity)
         return AttnResState(sources, x0, x0, x0 if keep_total else None)
 
     def _append(self, sources: DepthSources, v: Tensor) -> None:
