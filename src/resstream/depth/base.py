@@ -63,6 +63,19 @@ def is_decode_step(x: Tensor) -> bool:
     return x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
+def add_to_stream_and_views(state: Any, site: Site, out: Tensor) -> None:
+    """Standard addition for operators whose block reads give attention separate Q/K/V views
+    (`state.views` [B, T, 3, d], or None) beside the residual stream `state.stream`: the
+    output joins the stream; a mixer sub-block's output also joins every view, so that
+    S = H + ShortSWA(Norm(H)) holds per view (Algorithm 1); the views are spent once attention
+    has read them."""
+    state.stream = state.stream + out
+    if site.kind == "mix" and state.views is not None:
+        state.views = state.views + out[:, :, None]
+    if site.kind == "attn":
+        state.views = None
+
+
 def build_sites(n_layers: int, kinds_per_block: tuple[str, ...]) -> list[Site]:
     sites = []
     for layer in range(n_layers):

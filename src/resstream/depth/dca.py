@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator, QKVViews
+from resstream.depth.base import DepthOperator, QKVViews, add_to_stream_and_views
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -182,11 +182,7 @@ class DeepCrossAttention(DepthOperator):
 
     def write(self, state, site, out, ctx):
         state.delta = out if state.delta is None else state.delta + out
-        state.stream = state.stream + out
-        if site.kind == "mix" and state.views is not None:  # S = H + ShortSWA(Norm(H)) per view
-            state.views = state.views + out[:, :, None]
-        if site.kind == "attn":
-            state.views = None
+        add_to_stream_and_views(state, site, out)
         if site.last:
             self._append(state, state.delta)
         return state

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from resstream.depth.base import DepthOperator, QKVViews
+from resstream.depth.base import DepthOperator, QKVViews, add_to_stream_and_views
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -335,11 +335,7 @@ class MUDD(DepthOperator):
         return torch.stack([norm(q), k_norm(k), v_norm(v)], 2)
 
     def write(self, state, site, out, ctx):
-        state.stream = state.stream + out
-        if site.kind == "mix" and state.views is not None:  # S = H + ShortSWA(Norm(H)) per stream
-            state.views = state.views + out[:, :, None]
-        if site.kind == "attn":
-            state.views = None
+        add_to_stream_and_views(state, site, out)
         if site.last:
             self._after_block(state, site.layer)
         return state
