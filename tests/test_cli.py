@@ -33,3 +33,10 @@ def test_module_entry_point_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "allowed" in result.stderr
+
+
+@pytest.mark.parametrize("bench", ["attention", "operators", "decode"])
+def test_bench_threads_below_one_is_a_user_error(capsys, bench):
+    assert main(["bench", bench, "--threads", "0", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--threads=0" in err

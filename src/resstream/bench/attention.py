@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -45,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, measure, resolve_device
+from resstream.bench.timing import format_table, measure, print_result, resolve_device, set_threads
 from resstream.errors import UserError
 from resstream.ops import local_attention, local_attention_mask
 from resstream.ops.local_attention import _flex_available
@@ -252,15 +251,13 @@ def run(args: argparse.Namespace) -> int:
         if not sizes or min(sizes) < 1:
             raise UserError(f"--sizes={args.sizes!r} is invalid; allowed: comma-separated integers >= 1")
     _positive(args, "window", "heads", "head-dim", "batch", "repeats")
-    if args.threads is not None:
-        _positive(args, "threads")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     args.load_start = _load()
     results = {n: _run_size(n, args, device, torch.float32) for n in sorted(set(sizes))}
     result = summarize(results, args, device)
-    print(json.dumps(result, indent=2) if args.format == "json" else to_markdown(result))
+    print_result(result, args.format, to_markdown)
     return 0
 
 

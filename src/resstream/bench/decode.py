@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 from typing import Any
 
 import torch
 
-from resstream.bench.timing import format_table, resolve_device
+from resstream.bench.timing import format_table, print_result, resolve_device, set_threads
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 
@@ -375,13 +374,12 @@ def run(args: argparse.Namespace) -> int:
         names = ["baseline"] + names
     # contexts are capped so that one more token still fits (max_seq_len for global attention)
     contexts = sorted({min(c, shape["max_seq_len"] - 1) for c in contexts})
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     base = ModelConfig(vocab_size=256, **shape)
     result = run_benchmark(base, names, contexts, args.batch_size, repeats, steps, device, dtype)
-    print(json.dumps(result, indent=2) if args.format == "json" else to_markdown(result))
+    print_result(result, args.format, to_markdown)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, resolve_device
+from resstream.bench.timing import format_table, print_result, resolve_device, set_threads
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.registry import DEPTH_OPERATORS
@@ -279,10 +278,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("batch_size", "seq_len", "repeats"):
         if shape[key] < 1:
             raise UserError(f"--{key.replace('_', '-')}={shape[key]} is invalid; allowed: an integer >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads={args.threads} is invalid; allowed: an integer >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     overrides = parse_overrides(args.option)
     names = choose_operators(args.operators, args.quick)
@@ -293,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
                        n_heads=shape["n_heads"], max_seq_len=shape["seq_len"])
     result = run_benchmark(base, names, overrides, shape["batch_size"], shape["seq_len"],
                            shape["repeats"], device, args.depth_window)
-    print(json.dumps(result, indent=2) if args.format == "json" else to_markdown(result))
+    print_result(result, args.format, to_markdown)
     return 0
 
 

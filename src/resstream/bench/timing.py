@@ -1,11 +1,14 @@
 """Timing helpers shared by the benchmarks: warm-up, repeats, median wall time."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Callable
 
 import torch
+
+from resstream.errors import UserError
 
 
 def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -28,6 +31,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """The benchmarks' --threads flag: None keeps torch's default."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads={threads} is invalid; allowed: an integer >= 1")
+    torch.set_num_threads(threads)
+
+
+def print_result(result: dict, fmt: str, to_markdown: Callable[[dict], str]) -> None:
+    """The benchmarks' --format flag: the result as JSON, or as Markdown tables."""
+    print(json.dumps(result, indent=2) if fmt == "json" else to_markdown(result))
 
 
 def format_table(headers: list[str], rows: list[list[object]]) -> str:
