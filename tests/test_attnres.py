@@ -8,7 +8,8 @@ from resstream.depth.attnres import (DepthSources, NormalizedScores, SoftmaxMerg
                                      phase_statistics, settle)
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
+from resstream.testing import (assert_each_parameter_changes_output, assert_gradients_match,
+                               baseline_twin,
                                cached_logits, perturb_parameters, run_operator_hooks, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -113,17 +114,9 @@ def test_block_size_one_is_full_attnres():
 def test_gradients_match_reference(depth, options):
     """The hand-written backward passes agree with autograd through the reference loops."""
     model = build(depth, options, local_mixer="shortswa")
-
-    def gradients(forward):
-        model.zero_grad()
-        forward().square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
     reference = (lambda: reference_full(model, IDS)) if depth == "attnres" else \
         (lambda: reference_block(model, IDS, options["block_size"])[0])
-    expected = gradients(reference)
-    for name, grad in gradients(lambda: model(IDS)).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
+    assert_gradients_match(model, lambda: model(IDS), reference, rtol=1e-8, atol=1e-11)
 
 
 def test_custom_functions_gradcheck():

@@ -6,7 +6,8 @@ import torch
 
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import (assert_each_parameter_changes_output, baseline_twin,
+from resstream.testing import (assert_each_parameter_changes_output, assert_gradients_match,
+                               baseline_twin,
                                cached_logits, perturb_parameters, run_operator_hooks, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -83,15 +84,8 @@ def test_matches_float64_reference(options, changes):
 
 def test_gradients_match_reference():
     model = build({"granularity": "block", "block_size": 3, "gate": "alpha"})
-
-    def gradients(forward):
-        model.zero_grad()
-        forward().square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    expected = gradients(lambda: reference_delta(model, IDS))
-    for name, grad in gradients(lambda: model(IDS)).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
+    assert_gradients_match(model, lambda: model(IDS), lambda: reference_delta(model, IDS),
+                           rtol=1e-8, atol=1e-11)
 
 
 def test_block_deltas_are_differences_of_consecutive_boundaries():

@@ -24,7 +24,8 @@ from resstream.depth.hyper import StreamState
 from resstream.depth.mhc import sinkhorn_knopp
 from resstream.errors import UserError
 from resstream.model import ResStreamLM
-from resstream.testing import baseline_twin, cached_logits, perturb_parameters, tiny_config
+from resstream.testing import (assert_gradients_match, baseline_twin, cached_logits,
+                               perturb_parameters, tiny_config)
 
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
 
@@ -137,15 +138,8 @@ def test_matches_float64_reference(depth, options, changes):
                                            ("mhc", {"sinkhorn_iters": 4})])
 def test_gradients_match_reference(depth, options):
     model = build(depth, options)
-
-    def gradients(forward):
-        model.zero_grad()
-        forward().square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    expected = gradients(lambda: reference_streams(model, IDS))
-    for name, grad in gradients(lambda: model(IDS)).items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-8, atol=1e-11, msg=name)
+    assert_gradients_match(model, lambda: model(IDS), lambda: reference_streams(model, IDS),
+                           rtol=1e-8, atol=1e-11)
 
 
 @pytest.mark.parametrize("depth,options,changes", [

@@ -66,6 +66,21 @@ def assert_each_parameter_changes_output(model: torch.nn.Module, inputs: torch.T
             assert moved > threshold, f"perturbing {name} does not change the output"
 
 
+def assert_gradients_match(model: torch.nn.Module, forward, reference, rtol: float = 1e-8,
+                           atol: float = 1e-11) -> None:
+    """Every parameter's gradient of mean(output^2) through `forward()` equals the one through
+    `reference()` (e.g. a float64 loop written from the paper's equations)."""
+
+    def gradients(run):
+        model.zero_grad()
+        run().square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected = gradients(reference)
+    for name, grad in gradients(forward).items():
+        torch.testing.assert_close(grad, expected[name], rtol=rtol, atol=atol, msg=name)
+
+
 def cached_logits(model: ResStreamLM, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits of a prefill of `prefill` tokens followed by one-token cached decode steps."""
     with torch.no_grad():
