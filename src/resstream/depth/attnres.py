@@ -73,16 +73,11 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from resstream.depth.base import DepthOperator, is_decode_step
+from resstream.depth.base import DepthOperator, compute_dtype, is_decode_step
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
 CHUNK = 4  # the minimum number of reads per phase
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Depth reads run in float32 (float64 for a float64 model)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class NormalizedScores(torch.autograd.Function):

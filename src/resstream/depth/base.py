@@ -52,6 +52,18 @@ class QKVViews(NamedTuple):
     v: Tensor
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Depth-mixing arithmetic (weights, logits, stream mixes) runs in float32, or float64 for a
+    float64 model, whatever the stream's dtype (a plain comparison: torch.promote_types is a
+    dispatched call, and this runs at every site)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in `dtype`, without any dispatched call when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def is_decode_step(x: Tensor) -> bool:
     """True for one new token per sequence ([B, 1, d]) with autograd off: a cached decode step.
 

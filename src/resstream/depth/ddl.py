@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator
+from resstream.depth.base import DepthOperator, cast, compute_dtype
 from resstream.mixers.shortconv import CausalDepthwiseConv
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -102,16 +102,12 @@ def vector_delta_write(x: Tensor, h: Tensor, z: Tensor, v: Tensor) -> tuple[Tens
     the coefficient on h over 2 (`VectorDeltaWrite` saves them)."""
     if x.dtype != h.dtype:  # (torch.promote_types is itself a dispatched op: skip it if equal)
         dtype = torch.promote_types(x.dtype, h.dtype)
-        x, h = _as_dtype(x, dtype), _as_dtype(h, dtype)
+        x, h = cast(x, dtype), cast(h, dtype)
     n = torch.hypot(torch.linalg.vector_norm(h, dim=-1, keepdim=True), _eps_k(h.dtype))
     error = torch.addcdiv(v, (h * x).sum(-1, keepdim=True), n, value=-1)  # v - k.x
     sig = torch.sigmoid(z)
     coef = error * sig / n  # beta (v - k.x) / (2 n); out of place: it is saved for backward
     return torch.addcmul(x, h, coef, value=2), n, sig, error, coef
-
-
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)  # no `aten::to` call when nothing changes
 
 
 class VectorDeltaWrite(torch.autograd.Function):
@@ -134,7 +130,7 @@ class VectorDeltaWrite(torch.autograd.Function):
     def backward(ctx, grad):
         x, h, v, n, sig, error, coef = ctx.saved_tensors
         z_dtype, v_dtype = ctx.dtypes
-        hd, xd = _as_dtype(h, grad.dtype), _as_dtype(x, grad.dtype)
+        hd, xd = cast(h, grad.dtype), cast(x, grad.dtype)
         grad_k = (grad * hd).sum(-1, keepdim=True).div_(n)  # g.k
         beta = 2 * sig
         grad_v = grad_k * beta
@@ -142,13 +138,13 @@ class VectorDeltaWrite(torch.autograd.Function):
         m = grad_v / n
         grad_x = grad_h = None
         if ctx.needs_input_grad[0]:
-            grad_x = _as_dtype(torch.addcmul(grad, hd, m, value=-1), x.dtype)
+            grad_x = cast(torch.addcmul(grad, hd, m, value=-1), x.dtype)
         if ctx.needs_input_grad[1]:
             grad_h = grad * (2 * coef)
             grad_h.addcmul_(xd, m, value=-1)
             grad_h.addcmul_(hd, m * (2 * error - v) / n, value=-1)  # 2 error - v = v - 2 k.x
-            grad_h = _as_dtype(grad_h, h.dtype)
-        return grad_x, grad_h, _as_dtype(grad_z, z_dtype), _as_dtype(grad_v, v_dtype)
+            grad_h = cast(grad_h, h.dtype)
+        return grad_x, grad_h, cast(grad_z, z_dtype), cast(grad_v, v_dtype)
 
 
 class LinearHeads(torch.autograd.Function):
@@ -200,7 +196,7 @@ class DeltaGate(nn.Module):
 
     def logit(self, c: Tensor) -> Tensor:
         """The gate's pre-activation [..., 1] (beta = 2 sigmoid of it), float32 or float64."""
-        dtype = torch.float64 if c.dtype == torch.float64 else torch.float32  # never below fp32
+        dtype = compute_dtype(c.dtype)  # never below fp32
         if c.dtype == dtype and not torch.is_autocast_enabled(c.device.type):
             return self._logit(c)  # the common case: no casts, no autocast context
         with torch.autocast(device_type=c.device.type, enabled=False):
@@ -389,7 +385,7 @@ class DeepDeltaLearning(DepthOperator):
     def delta_write(self, state: DDLState, key: str, out: Tensor) -> Tensor:
         z, v = self.gate_and_value(key, state)
         if self.value_dim > 1:
-            beta = _as_dtype((2 * torch.sigmoid(z)).squeeze(-1), out.dtype)
+            beta = cast((2 * torch.sigmoid(z)).squeeze(-1), out.dtype)
             return delta_update(state.X, unit_direction(out), beta, v)
         # vector state: the fused write (k and beta never materialised)
         if torch.is_grad_enabled():

@@ -57,21 +57,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator, is_decode_step
+from resstream.depth.base import DepthOperator, cast, compute_dtype, is_decode_step
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
 STATIC = ("a_m", "a_r", "b")
 DYNAMIC = ("w_m", "w_r", "w_b", "norm_weight", "s_alpha", "s_beta")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Stream arithmetic runs in float32 (float64 for a float64 model)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x if x.dtype == dtype else x.to(dtype)  # no op at all when it already matches
 
 
 NO_CONTEXT = contextlib.nullcontext()

@@ -59,7 +59,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.hyper import HyperConnections, NormalizedProjection, cast
+from resstream.depth.base import cast
+from resstream.depth.hyper import HyperConnections, NormalizedProjection
 from resstream.options import require
 from resstream.registry import register_depth_operator
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from resstream.depth.base import compute_dtype
+
 
 def softmax_weights(logits: Tensor, dtype: torch.dtype) -> Tensor:
     """softmax in at least float32 (bf16 logits are too coarse for a simplex), cast to dtype."""
-    return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1).to(dtype)
+    return torch.softmax(logits.to(compute_dtype(logits.dtype)), -1).to(dtype)
 
 
 def weighted_sum(weights: Tensor, tensors: list[Tensor]) -> Tensor:
