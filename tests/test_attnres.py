@@ -248,6 +248,35 @@ def test_depth_reads_run_in_float32_under_bfloat16_autocast(depth, tokens):
         torch.testing.assert_close(read, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("depth", ["attnres", "block_attnres"])
+def test_decode_path_with_a_bfloat16_stream_matches_the_general_path(depth):
+    """A bfloat16 stream keeps its sources in bfloat16 on both paths and reads in float32:
+    the decode path (no autograd) agrees with the general path on the same token to bfloat16
+    rounding of the outputs. (Hook-level: bfloat16 matmuls crash on this CI's CPU.)"""
+    model = build(depth, {"block_size": 3} if depth == "block_attnres" else {},
+                  dtype=torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 1, 32, generator=gen).bfloat16()
+    outputs = [torch.randn(2, 1, 32, generator=gen).bfloat16() for _ in model.sites]
+    general_reads, general = run_operator_hooks(model.depth, x0, outputs)  # autograd on
+    with torch.no_grad():
+        decode_reads, decoded = run_operator_hooks(model.depth, x0, outputs)
+    assert decoded.dtype == general.dtype == torch.bfloat16
+    for got, want in zip([*decode_reads, decoded], [*general_reads, general]):
+        torch.testing.assert_close(got.float(), want.detach().float(), rtol=8e-3, atol=1e-5)
+
+
+def test_decode_state_formula_matches_the_measured_state():
+    from resstream.bench.decode import depth_state_bytes_per_token
+
+    for depth, options in (("attnres", {}), ("block_attnres", {"block_size": 3})):
+        model = build(depth, options, dtype=torch.float32)
+        measured = depth_state_bytes_per_token(model, torch.device("cpu"))
+        assert measured == model.depth.depth_state_values() * 4
+        # each source of the decode stack carries one more value: sqrt(d * eps)
+        assert model.depth.depth_state_values() == model.depth.depth_state_vectors() * 33
+
+
 def test_accounting():
     model = build("block_attnres", {"block_size": 4}, dtype=torch.float32, n_layers=4)
     # after block 1 (sublayers 0..3) the boundary before sublayer 4 is not crossed yet:

@@ -126,3 +126,40 @@ def test_cache_batch_size_mismatch_is_a_clear_error():
     model = build("standard", None, {})
     with pytest.raises(UserError, match="batch_size=2"):
         model(torch.zeros(3, 4, dtype=torch.long), cache=model.new_cache(2))
+
+
+def workspace_operators() -> list[str]:
+    """Operators whose decode-cache entry is a DecodeWorkspace (weight-derived tensors)."""
+    from resstream.depth.base import DecodeWorkspace
+
+    return [name for name in list_depth_operators()
+            if isinstance(build(name, None, {}).new_cache(1).entries.get("depth"), DecodeWorkspace)]
+
+
+@pytest.mark.parametrize("depth", workspace_operators())
+@torch.no_grad()
+def test_decode_workspace_follows_weight_changes_between_sequences(depth):
+    """A cache reused for a new sequence after the weights changed (in place, or replaced via
+    `.data`) decodes with the new weights: after a prefill, and from a single token at offset 0."""
+    model = build(depth, None, {})
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2)
+
+    def decode(prefill: int) -> torch.Tensor:
+        cache.length = 0
+        steps = [model(ids[:, :prefill], cache=cache)]
+        return torch.cat(steps + [model(ids[:, t:t + 1], cache=cache)
+                                  for t in range(prefill, ids.shape[1])], 1)
+
+    assert cache.entries["depth"].tensors() == []  # no token history: nothing to count
+    for prefill, change in ((3, "in place"), (1, "in place"), (3, "replaced"), (1, "replaced")):
+        decode(prefill)
+        params = list(model.depth.parameters())
+        assert params, f"{depth} has a decode workspace but no weights"
+        for i, param in enumerate(params):
+            if change == "in place":
+                param.mul_(1.0 + 0.1 * (i % 3 + 1))
+            else:
+                param.data = param.data * 0.9 + 0.01
+        torch.testing.assert_close(decode(prefill), model(ids), atol=ATOL, rtol=0,
+                                   msg=lambda m: f"{depth}, {change}, prefill {prefill}: {m}")

@@ -6,7 +6,8 @@ module for its entry and stores it under the module's qualified name (`module.ca
 Depth-axis operators keep no token history (their depth state lives inside one forward),
 except the few that mix over tokens (DDL's TC compressor and EC expander). An entry may also
 be a decode workspace that holds no token history (depth_swa keeps its fused projection weights
-and per-step scratch there); such entries report no `tensors()`.
+and per-step scratch there, AttnRes its source stack and folded pseudo-queries); such entries
+report no `tensors()` (see `resstream.depth.base.DecodeWorkspace`).
 """
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ class ModelCache:
         for entry in self.entries.values():
             found.extend(entry.tensors() if hasattr(entry, "tensors") else [])
         return found
+
+    def new_sequence(self) -> None:
+        """A multi-token forward (a prefill) used the cache: entries that derive tensors from the
+        weights (decode workspaces) check the weights again at the next decode step."""
+        for entry in self.entries.values():
+            if hasattr(entry, "new_sequence"):
+                entry.new_sequence()
 
     def nbytes(self) -> int:
         """Bytes held by every cache tensor (measured, not estimated)."""

@@ -191,6 +191,8 @@ class ResStreamLM(nn.Module):
         logits = self.lm_head(self.norm(hidden))
         if cache is not None:
             cache.length += input_ids.shape[1]
+            if input_ids.shape[1] > 1:
+                cache.new_sequence()
         return logits
 
     # ---------------------------------------------------------------- utilities

@@ -29,7 +29,8 @@ What is measured, per context length c (capped at max_seq_len - 1):
     carries between sublayers (its `state`, walked recursively, parameters excluded) during
     one decode step, for 2 sequences minus for 1 (what a forward holds once, whatever the
     batch, such as pseudo-queries folded from the parameters, cancels), next to the
-    operator's own formula depth_state_vectors() x d x b.
+    operator's own formula depth_state_values() x b (its d-vectors, depth_state_vectors() x d,
+    plus any per-token scalars beside them).
   * recompute: the baseline's full forward over c = 1024 tokens without a cache, i.e. what one
     new token costs without incremental decoding.
 Goals (issue): shortswa_only's per-token latency grows <= 10% from 1024 to 16384 while the
@@ -219,7 +220,7 @@ def run_benchmark(base: ModelConfig, names: list[str], contexts: list[int], batc
         del caches
     for v in ready:
         v.state_bytes = depth_state_bytes_per_token(v.model, device)
-        v.state_formula = v.model.depth.depth_state_vectors() * base.d_model * v.model.embed.weight.element_size()
+        v.state_formula = v.model.depth.depth_state_values() * v.model.embed.weight.element_size()
     recompute = measure_recompute(ready, base, contexts, repeats, device)
     return summarize(variants, base, contexts, batch, repeats, steps, device, dtype, recompute)
 

@@ -73,7 +73,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from resstream.depth.base import DepthOperator, compute_dtype, is_decode_step
+from resstream.depth.base import (DecodeWorkspace, DepthOperator, compute_dtype,
+                                  decode_workspace, is_decode_step)
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
@@ -369,43 +370,98 @@ class PseudoQueryReads(DepthOperator):
         return (n_sites - 1) // self.block_size + 2
 
 
-@dataclass
-class DecodeSources:
-    """The depth sources of one decode step (one token per sequence): a preallocated stack
-    `values` [B, slots, d] (stream dtype) holding the `count` completed sources, followed by the
-    running partial sum when `has_partial`."""
+class AttnResWorkspace(DecodeWorkspace):
+    """Block AttnRes's decode-cache entry (see `DecodeWorkspace` for when it is rebuilt). In a
+    one-token step every read and write is static given the block layout: read i sees the
+    first m_i sources of the stack (the embedding, the completed blocks, then the running
+    partial sum), and write i adds into slot 1 + i // block_size (copies, at a block's start).
+    So a step allocates only its reads' outputs and makes no views:
+      stack    [B, slots, d + 1] the step's sources in the stream dtype, as in the general path
+               (scratch: overwritten by the next step), each followed by c = sqrt(d * eps)
+      reads    per read index: q = (sqrt(d) * w * g, 0) as a [B, 1, d + 1] view (None: no
+               query), and its m_i sources as values [B, m_i, d] and keys [B, d + 1, m_i]
+      targets  per write index: the [B, 1, d] slot it writes and whether it starts a block
+    With this q, w^T RMSNorm_g(v) = (w * g)^T v / sqrt(|v|^2 / d + eps) = q^T [v, c] / |[v, c]|:
+    a read is 5 ops (one bmm for the dot products, one vector norm with the eps inside, a
+    division, softmax, one bmm for the mixture), plus a cast of its sources for a bfloat16 or
+    float16 stream. The c column costs one value per source and token (`depth_state_values`)."""
 
-    values: Tensor
-    queries: tuple  # per read column: w * g * sqrt(d), [d] in the compute dtype
-    eps_d: float  # d * eps (the sqrt(d) of the RMS is folded into the queries)
-    total: Tensor | None  # plain sum of every source [B, 1, d], kept only for inactive reads
-    autocast: bool  # whether the step runs under autocast (the reads must not)
-    count: int = 0
-    has_partial: bool = True  # the embedding starts as the partial
+    def weights(self, op: "BlockAttnResBase") -> list[Tensor]:
+        return [*op.query._parameters.values(), *op.key_norm._parameters.values()]
 
+    def build(self, op: "BlockAttnResBase", like: Tensor) -> None:
+        b, d = self.batch_size, like.shape[-1]
+        self.dtype, self.compute = like.dtype, compute_dtype(like.dtype)
+        self.device_type, self.same_dtype = like.device.type, self.dtype == self.compute
+        self.c = (d * op.eps) ** 0.5
+        self.stack = like.new_empty(b, op.depth_state_vectors(), d + 1)
+        self.stack[..., d] = self.c
+        with torch.no_grad():
+            folded = op.folded_queries(self.compute, d ** 0.5)
+        if folded is not None:
+            folded = torch.cat([folded, folded.new_zeros(len(folded), 1)], dim=1)
+        self.reads = []
+        for index, column in enumerate(op.read_columns):
+            sources = self.stack[:, :op.sources_seen(index)]
+            query = None if column is None else folded[column].expand(b, 1, d + 1)
+            self.reads.append((query, sources[..., :d], sources.mT))
+        self.targets = [(self.stack[:, 1 + i // op.block_size, :d].unsqueeze(1),
+                         i % op.block_size == 0) for i in range(len(op.sites))]
 
-def attend_few(values: Tensor, query: Tensor, eps_d: float) -> Tensor:
-    """softmax_i(w^T RMSNorm_g(v_i)) v_i for a few sources `values` [B, m, d] of one token each,
-    with `query` = w * g * sqrt(d): w^T RMSNorm_g(v) = (w * g)^T v / sqrt(|v|^2 / d + eps)
-    = query^T v * rsqrt(|v|^2 + d * eps). Returns [B, 1, d]."""
-    logits = (values @ query) * torch.rsqrt(torch.linalg.vecdot(values, values) + eps_d)
-    return torch.bmm(torch.softmax(logits, dim=-1).unsqueeze(1), values)
+    def begin(self, x0: Tensor, keep_total: bool) -> "AttnResWorkspace":
+        """Start a decode step from the embedding x0 [B, 1, d]; the workspace is its state."""
+        self.reads[0][1].copy_(x0)  # slot 0 of the stack
+        # the plain sum of every source, which inactive reads return (kept only for them)
+        self.total = x0.clone() if keep_total else None
+        # reads run in the compute dtype without autocast (see read_cast)
+        self.plain = self.same_dtype and not torch.is_autocast_enabled(self.device_type)
+        return self
+
+    def read(self, index: int) -> Tensor:
+        """softmax_i(w^T RMSNorm_g(v_i)) v_i over the sources read `index` sees, [B, 1, d]."""
+        query, values, keys = self.reads[index]
+        if query is None:  # the embedding (read 0's only source) or an inactive read
+            return values if index == 0 else self.total
+        if not self.plain:
+            return self.read_cast(query, keys)
+        logits = torch.bmm(query, keys)  # [B, 1, m]
+        logits.div_(torch.linalg.vector_norm(keys, dim=1, keepdim=True))
+        return torch.bmm(torch.softmax(logits, dim=-1), values)
+
+    def read_cast(self, query: Tensor, keys: Tensor) -> Tensor:
+        """The read in the compute dtype with autocast off, for a bfloat16/float16 stream or a
+        step under autocast; the c column is set again in the compute dtype."""
+        with torch.autocast(self.device_type, enabled=False):
+            keys = keys.to(self.compute)
+            keys[:, -1] = self.c
+            logits = torch.bmm(query, keys)
+            logits.div_(torch.linalg.vector_norm(keys, dim=1, keepdim=True))
+            return torch.bmm(torch.softmax(logits, dim=-1), keys[:, :-1].mT).to(self.dtype)
+
+    def write(self, index: int, out: Tensor) -> None:
+        target, starts_block = self.targets[index]
+        if starts_block:
+            target.copy_(out)
+        else:
+            target.add_(out)
+        if self.total is not None:  # not in place: an earlier read may have returned it
+            self.total = self.total + out
 
 
 class BlockAttnResBase(PseudoQueryReads):
     """Block AttnRes with `self.block_size` sublayers per block (1 = Full AttnRes).
 
-    Decode steps (one token per sequence, no autograd) take a separate path with a handful of
-    ops per read: there the cost is per-op overhead, not memory traffic. The sources go into
-    one preallocated [B, slots, d] stack (the partial sum accumulates in place in the next free
-    slot) and each read recomputes its few logits from that stack (`attend_few`)."""
+    Decode steps (one token per sequence, no autograd) take a separate path with 5 ops per read:
+    there the cost is per-op overhead, not memory traffic. The sources go into one stack kept
+    in the decode cache (the partial sum accumulates in place in the next free slot) and each
+    read recomputes its few logits from views of that stack (`AttnResWorkspace`)."""
 
     paper = "Kimi Team, Attention Residuals (arXiv 2603.15031)"
     starts_at_baseline = True  # zero pseudo-queries; exact up to the norms' eps (see docstring)
 
     def init_state(self, x0, ctx):
         if is_decode_step(x0):
-            return self._new_decode_state(x0)
+            return decode_workspace(self, x0, ctx).begin(x0, keep_total=self.n_inactive > 0)
         return self._new_state(x0, keep_total=self.n_inactive > 0)
 
     def _read(self, state: AttnResState, index: int, key: str | None) -> Tensor:
@@ -415,59 +471,38 @@ class BlockAttnResBase(PseudoQueryReads):
         return state.total if key is None else self._attend(state, key)
 
     def read(self, state, site, norm, ctx):
-        if isinstance(state, DecodeSources):
-            return norm(self._decode_read(state, site.index))
+        if isinstance(state, AttnResWorkspace):
+            return norm(state.read(site.index))
         return norm(self._read(state, site.index, self._key(site)))
 
     def write(self, state, site, out, ctx):
-        if isinstance(state, DecodeSources):
-            return self._decode_write(state, out)
+        if isinstance(state, AttnResWorkspace):
+            state.write(site.index, out)
+            return state
         return super().write(state, site, out, ctx)
 
     def finalize(self, state, ctx):
-        if isinstance(state, DecodeSources):
-            return self._decode_read(state, len(self.sites))
+        if isinstance(state, AttnResWorkspace):
+            return state.read(len(self.sites))
         return self._read(state, len(self.sites), "final" if self.final_active else None)
 
     # ---------------------------------------------------------------- decode path
-    def _new_decode_state(self, x0: Tensor) -> DecodeSources:
-        values = x0.new_empty(x0.shape[0], self._sources_after(len(self.sites)), x0.shape[-1])
-        values[:, :1] = x0
-        queries = self.folded_queries(compute_dtype(x0.dtype), x0.shape[-1] ** 0.5)
-        queries = () if queries is None else queries.unbind(0)
-        total = x0.clone() if self.n_inactive else None
-        return DecodeSources(values, queries, x0.shape[-1] * self.eps, total,
-                             torch.is_autocast_enabled(x0.device.type))
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> AttnResWorkspace:
+        return AttnResWorkspace(batch_size)
 
-    def _decode_read(self, state: DecodeSources, index: int) -> Tensor:
-        if index < len(self.sites) and index % self.block_size == 0:  # the partial is complete
-            state.count, state.has_partial = state.count + 1, False
-        if index == 0:
-            return state.values[:, :1]  # the embedding, the only source
-        column = self.read_columns[index]
-        if column is None:
-            return state.total
-        values = state.values[:, :state.count + state.has_partial]
-        query = state.queries[column]
-        if values.dtype == query.dtype and not state.autocast:
-            return attend_few(values, query, state.eps_d)
-        with torch.autocast(values.device.type, enabled=False):
-            return attend_few(values.to(query.dtype), query, state.eps_d).to(values.dtype)
-
-    @staticmethod
-    def _decode_write(state: DecodeSources, out: Tensor) -> DecodeSources:
-        slot = state.values[:, state.count:state.count + 1]
-        if state.has_partial:
-            slot.add_(out)
-        else:
-            slot.copy_(out)
-            state.has_partial = True
-        if state.total is not None:  # not in place: an earlier read may have returned it
-            state.total = state.total + out
-        return state
+    def sources_seen(self, index: int) -> int:
+        """How many sources the read before sublayer `index` (len(sites): the final read) sees:
+        the embedding and the completed blocks, plus the partial sum unless a block starts."""
+        if index == len(self.sites):
+            return self._sources_after(index)
+        return 1 + index // self.block_size + (index % self.block_size != 0)
 
     def depth_state_vectors(self) -> int:
         return self._sources_after(len(self.sites))
+
+    def depth_state_values(self) -> int:
+        """The decode stack's values per token: each source with its c column (AttnResWorkspace)."""
+        return self.depth_state_vectors() * (self.d_model + 1)
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         n_sites = sum(1 for s in self.sites if s.layer <= layer)

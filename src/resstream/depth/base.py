@@ -75,6 +75,62 @@ def is_decode_step(x: Tensor) -> bool:
     return x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
+class DecodeWorkspace:
+    """Base of a depth operator's decode-cache entry: tensors derived from the weights and
+    scratch buffers that every decode step reuses instead of rebuilding (at batch 1 a step is
+    bound by per-op overhead). Nothing here is token history, so `tensors()` is empty.
+
+    It is built from the weights at the first decode step. The weights are taken as fixed
+    while a sequence decodes, as the KV cache takes them: they are checked again (storage and
+    version counter of each of `weights(op)`) at the start of every sequence, i.e. at a decode
+    step at offset 0 or the first decode step after a multi-token forward with the cache
+    (`new_sequence`), and the workspace is rebuilt if one was replaced or updated in place.
+    Checking at every step would cost more than a read (it touches every weight). In-place
+    writes through `.data` bypass the version counter and are not seen."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._source: tuple | None = None
+        self._checked = False
+
+    def weights(self, op: "DepthOperator") -> list[Tensor]:
+        raise NotImplementedError
+
+    def build(self, op: "DepthOperator", like: Tensor) -> None:
+        """(Re)build everything derived from the weights, for steps like `like` [B, 1, d]."""
+        raise NotImplementedError
+
+    def prepare(self, op: "DepthOperator", like: Tensor, offset: int) -> None:
+        """Make the workspace current for a decode step at position `offset`."""
+        if self._checked and offset:
+            return
+        source = (like.dtype, like.device, like.shape[-1], torch.is_inference_mode_enabled(),
+                  *((p.data_ptr(), p._version) for p in self.weights(op)))
+        if source != self._source:
+            self.build(op, like)
+            self._source = source
+        self._checked = True
+
+    def new_sequence(self) -> None:
+        """A multi-token forward used the cache: check the weights at the next decode step."""
+        self._checked = False
+
+    def tensors(self) -> list[Tensor]:
+        return []
+
+
+def decode_workspace(op: "DepthOperator", x0: Tensor, ctx) -> Any:
+    """The operator's workspace from the decode cache, prepared for this step; a fresh one when
+    the step runs without a cache."""
+    if ctx is None or ctx.cache is None:
+        workspace = op.new_cache_entry(x0.shape[0], 1, x0.device, x0.dtype)
+        workspace.prepare(op, x0, 0)
+        return workspace
+    workspace = ctx.entry(op)
+    workspace.prepare(op, x0, ctx.cache.length)
+    return workspace
+
+
 def add_to_stream_and_views(state: Any, site: Site, out: Tensor) -> None:
     """Standard addition for operators whose block reads give attention separate Q/K/V views
     (`state.views` [B, T, 3, d], or None) beside the residual stream `state.stream`: the
@@ -145,6 +201,12 @@ class DepthOperator(nn.Module):
     def depth_state_vectors(self) -> int:
         """Peak number of d-vectors per token alive across depth inside one forward."""
         return 1
+
+    def depth_state_values(self) -> int:
+        """Values per token that the decode path keeps across depth: the d-vectors, plus any
+        per-token scalars its implementation carries beside them (`resstream bench decode`
+        compares this with the measured state)."""
+        return self.depth_state_vectors() * self.d_model
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         """(formula, value): d-vectors per token that must cross a pipeline-stage boundary

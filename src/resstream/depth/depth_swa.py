@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator, is_decode_step
+from resstream.depth.base import DecodeWorkspace, DepthOperator, decode_workspace, is_decode_step
 from resstream.layers import RMSNorm
 from resstream.mixers.shortswa import LocalSelfAttention
 from resstream.options import require
@@ -87,29 +87,22 @@ class DecodeState:
     reads: int = 0  # reads done so far in this step
 
 
-class DecodeWorkspace:
-    """The operator's decode-cache entry (shared module), built at the first decode step with the
-    cache and reused by every later step, so that a step allocates nothing and makes no views:
+class DepthSWAWorkspace(DecodeWorkspace):
+    """The operator's decode-cache entry (shared module), so that a step allocates nothing and
+    makes no views (see `DecodeWorkspace` for when it is rebuilt):
       qkv_t  (diag(w) [W_Q; W_K; W_V])^T, [d, 3d]: one matvec projects a state, with the RMSNorm
              weight w folded in (kv_t: its K, V columns)
       o_t    W_O^T as a [B, d, d] view: u = h + W_O z in one baddbmm
-      slots  the DecodeSlots every step writes into (scratch, overwritten by the next step)
-    The weights are fixed while a cache is in use (as for the KV cache); the workspace is rebuilt
-    if a weight was replaced or updated in place since. Nothing here is token history, so
-    `tensors()` is empty (nothing for the KV-cache accounting to count or fill)."""
+      slots  the DecodeSlots every step writes into (scratch, overwritten by the next step)"""
 
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self._source: tuple | None = None
+    def weights(self, op: "DepthSWA") -> list[Tensor]:
+        attention = op.attention[0]
+        return [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight,
+                attention.o_proj.weight, *op.state_norm.parameters()]
 
-    def refresh(self, op: "DepthSWA", like: Tensor) -> None:
+    def build(self, op: "DepthSWA", like: Tensor) -> None:
         attention, norm = op.attention[0], op.state_norm
-        params = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight,
-                  attention.o_proj.weight] + list(norm.parameters())
-        source = (like.dtype, like.device, torch.is_inference_mode_enabled(),  # (inference tensors)
-                  *((p.data_ptr(), p._version) for p in params))
-        if source == self._source:
-            return
+        params = self.weights(op)
         d = like.shape[-1]
         qkv = torch.cat(params[:3]).detach()
         if isinstance(norm, RMSNorm):  # W N(h) = (W diag(w)) (h / rms(h))
@@ -118,7 +111,6 @@ class DecodeWorkspace:
         self.o_t = params[3].detach().t().expand(self.batch_size, d, d)
         self.eps = like.new_full((1, 1, 1), norm.eps) if isinstance(norm, RMSNorm) else None
         self.slots = DecodeSlots(like, op.window_states, attention.n_heads, attention.head_dim)
-        self._source = source
 
     def normalise(self, h: Tensor) -> Tensor:
         """h / rms(h), [B, 1, d] (the RMSNorm weight is in qkv_t): rms^2 = eps + h.h / d, from one
@@ -126,9 +118,6 @@ class DecodeWorkspace:
         if self.eps is None:
             return h
         return h * torch.baddbmm(self.eps, h, h.mT, alpha=1 / h.shape[-1]).rsqrt_()
-
-    def tensors(self) -> list[Tensor]:
-        return []
 
 
 def attend_newest(q: Tensor, keys: list[Tensor], values: list[Tensor]) -> Tensor:
@@ -215,9 +204,7 @@ class DepthSWA(DepthOperator):
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
         if self._lean_decode(x0, ctx):
-            workspace = ctx.entry(self)
-            workspace.refresh(self, x0)
-            return DecodeState(x0, workspace.slots)
+            return DecodeState(x0, decode_workspace(self, x0, ctx).slots)
         return DepthState(x0)
 
     def _lean_decode(self, x0: Tensor, ctx) -> bool:
@@ -271,7 +258,7 @@ class DepthSWA(DepthOperator):
             del states[:-self.window]
         return states
 
-    def _decode_read(self, state: DecodeState, workspace: DecodeWorkspace) -> Tensor:
+    def _decode_read(self, state: DecodeState, workspace: DepthSWAWorkspace) -> Tensor:
         """The read and its injection for one token per sequence: the block's input u, [B, 1, d]."""
         slots = state.slots
         slot, n_keys = state.reads % len(slots.targets), min(state.reads + 1, len(slots.targets))
@@ -297,8 +284,8 @@ class DepthSWA(DepthOperator):
     def finalize(self, state, ctx):
         return state.h
 
-    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> DecodeWorkspace:
-        return DecodeWorkspace(batch_size)
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> DepthSWAWorkspace:
+        return DepthSWAWorkspace(batch_size)
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
