@@ -18,9 +18,14 @@ What is measured, per context length c (capped at max_seq_len - 1):
     slow phase of a shared machine hits every configuration alike; each repeat starts with one
     untimed step, so a configuration is timed in steady state (its weights and cache as warm as
     when it decodes alone: on a CPU with a large last-level cache, the step after another
-    configuration streamed its 16k-token KV cache would otherwise start cold). We report the minimum over
-    repeats (the cost without interference from other processes, which only ever add time;
-    ratios and goals use it) and the median next to it.
+    configuration streamed its 16k-token KV cache would otherwise start cold). We report the
+    minimum over repeats (the cost without interference from other processes, which only ever
+    add time) and the median next to it, and two ratios to the baseline: of the minima, and
+    paired (the median over repeats of a configuration's time over the baseline's time in the
+    same repeat, moments apart) with its 95% bootstrap interval. On a shared machine the paired
+    ratio varies least between runs (drifts in memory bandwidth scale both and cancel; a
+    minimum depends on one lucky sample of each), so the latency goals of the depth operators
+    use it.
   * cache bytes: `ModelCache.nbytes()` of a cache holding c tokens (the bytes of every cache
     tensor, measured), next to the formula 2 L c d_kv b for global attention plus 2 L w d_kv b
     for ShortSWA (b = bytes per element); cross-token state of other modules (ShortConv, Canon,
@@ -47,7 +52,8 @@ from typing import Any
 
 import torch
 
-from resstream.bench.timing import format_table, print_result, resolve_device, set_threads
+from resstream.bench.timing import (format_table, median_interval, paired_ratios, print_result,
+                                    resolve_device, set_threads)
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 
@@ -259,6 +265,7 @@ def summarize(variants, base, contexts, batch, repeats, steps, device, dtype, re
                 "config": v.name, "context": c, "decode_ms": ms,
                 "decode_median_ms": 1000 * statistics.median(v.times[c]),
                 "latency_ratio": ms / ref_ms if ref_ms else None,
+                **paired_columns(v.times[c], ref.times[c] if ref else None),
                 "cache_bytes": v.cache_bytes[c], "cache_formula_bytes": formula_bytes,
                 "cache_formula": formula,
                 "cache_ratio": v.cache_bytes[c] / ref.cache_bytes[c] if ref else None,
@@ -274,11 +281,24 @@ def summarize(variants, base, contexts, batch, repeats, steps, device, dtype, re
     return result
 
 
-def _ms(result, name, context):
+def paired_columns(times: list[float], reference: list[float] | None) -> dict:
+    """The paired ratio to the baseline (median over repeats) and its 95% bootstrap interval."""
+    if reference is None:
+        return {"paired_ratio": None, "paired_ratio_ci": None}
+    ratios = paired_ratios(times, reference)
+    return {"paired_ratio": statistics.median(ratios), "paired_ratio_ci": median_interval(ratios)}
+
+
+def _row(result, name, context) -> dict | None:
     for row in result["rows"]:
         if row["config"] == name and row.get("context") == context:
-            return row["decode_ms"]
+            return row
     return None
+
+
+def _ms(result, name, context):
+    row = _row(result, name, context)
+    return None if row is None else row["decode_ms"]
 
 
 def check_goals(result: dict, contexts: list[int]) -> list[dict]:
@@ -300,13 +320,21 @@ def check_goals(result: dict, contexts: list[int]) -> list[dict]:
                       "value": f"{speedup:.0f}x ({rec['full_forward_ms']:.1f} ms vs {decode:.2f} ms)",
                       "met": speedup >= 20})
     for name in ("depth_swa", "block_attnres", "attnres", "ddl", "hyper"):
-        ms = _ms(result, name, mid)
-        if ms is None or base_lo is None:
+        row = _row(result, name, mid)
+        if row is None or row["paired_ratio"] is None:
             continue
         limit = DEPTH_GOALS.get(name, DEFAULT_DEPTH_GOAL)
-        goals.append({"goal": f"{name} decode latency at {mid} <= {limit:.2f}x baseline",
-                      "value": f"{ms / base_lo:.3f}x", "met": ms / base_lo <= limit})
+        ratio, (low, high) = row["paired_ratio"], row["paired_ratio_ci"]
+        goals.append({"goal": f"{name} decode latency at {mid} <= {limit:.2f}x baseline (paired)",
+                      "value": f"{ratio:.3f}x (95% CI {low:.3f}-{high:.3f}; ratio of minima "
+                               f"{row['latency_ratio']:.3f}x)",
+                      "met": ratio <= limit})
     return goals
+
+
+def _with_interval(row: dict) -> str:
+    low, high = row["paired_ratio_ci"]
+    return f"{row['paired_ratio']:.3f} ({low:.3f}-{high:.3f})"
 
 
 def _mib(n: int) -> str:
@@ -319,7 +347,8 @@ def to_markdown(result: dict) -> str:
              f"w={s['local_window']}, batch {s['batch']}, {s['device']} {s['dtype']} "
              f"({s['threads']} threads), min (median) of {s['repeats']} interleaved repeats x "
              f"{s['steps_per_repeat']} steps; ratios vs baseline at the same context.", ""]
-    headers = ["config", "context", "decode ms/token min (median)", "x baseline", "cache MiB (measured)",
+    headers = ["config", "context", "decode ms/token min (median)", "x baseline (min)",
+               "x baseline (paired, 95% CI)", "cache MiB (measured)",
                "cache MiB (formula)", "formula (2*layers*positions*d_kv*bytes)", "cache x baseline",
                "depth state B/token (measured)", "(formula)"]
     rows, skipped = [], []
@@ -328,7 +357,7 @@ def to_markdown(result: dict) -> str:
             skipped.append(f"not run: {r['config']} ({r['error'].split(';')[0]})")
             continue
         rows.append([r["config"], r["context"], f"{r['decode_ms']:.2f} ({r['decode_median_ms']:.2f})",
-                     f"{r['latency_ratio']:.3f}",
+                     f"{r['latency_ratio']:.3f}", _with_interval(r),
                      _mib(r["cache_bytes"]), _mib(r["cache_formula_bytes"]), r["cache_formula"],
                      f"{r['cache_ratio']:.3f}", r["depth_state_bytes_per_token"],
                      r["depth_state_formula_bytes"]])
@@ -396,7 +425,8 @@ def register(subparsers) -> None:
     parser.add_argument("--window", type=int, default=128, help="ShortSWA window w")
     parser.add_argument("--max-seq-len", type=int, default=16385)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=30, help="interleaved repeats (min, median)")
+    parser.add_argument("--repeats", type=int, default=60,
+                        help="interleaved repeats (min, median, paired ratio)")
     parser.add_argument("--steps", type=int, default=2, help="decode steps per repeat")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")

@@ -1,7 +1,8 @@
-"""Timing helpers shared by the benchmarks: warm-up, repeats, median wall time."""
+"""Timing helpers shared by the benchmarks: warm-up, repeats, median wall time, paired ratios."""
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from typing import Callable
@@ -24,6 +25,22 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_tim
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_ratios(times: list[float], reference: list[float]) -> list[float]:
+    """Per repeat, a variant's time over the reference's time in the same repeat. The two ran
+    moments apart, so a slow phase of a shared machine scales both and cancels."""
+    return [t / r for t, r in zip(times, reference, strict=True)]
+
+
+def median_interval(values: list[float], level: float = 0.95, resamples: int = 1000,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of `values` (resampling the repeats)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
 
 
 def resolve_device(name: str) -> torch.device:
