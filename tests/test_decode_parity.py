@@ -163,3 +163,21 @@ def test_decode_workspace_follows_weight_changes_between_sequences(depth):
                 param.data = param.data * 0.9 + 0.01
         torch.testing.assert_close(decode(prefill), model(ids), atol=ATOL, rtol=0,
                                    msg=lambda m: f"{depth}, {change}, prefill {prefill}: {m}")
+
+
+@pytest.mark.parametrize("depth", workspace_operators())
+def test_decoding_may_switch_between_inference_mode_and_no_grad(depth):
+    """Tensors made under inference_mode cannot be updated in place outside it: a workspace built
+    there is rebuilt when the same sequence goes on under no_grad (and back)."""
+    model = build(depth, None, {})
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        steps = [model(ids[:, :2], cache=cache), model(ids[:, 2:3], cache=cache)]
+    with torch.no_grad():
+        steps += [model(ids[:, 3:4], cache=cache)]
+    with torch.inference_mode():
+        steps += [model(ids[:, 4:5], cache=cache)]
+    with torch.no_grad():
+        steps += [model(ids[:, 5:6], cache=cache)]
+        torch.testing.assert_close(torch.cat(steps, 1), model(ids), atol=ATOL, rtol=0)

@@ -10,10 +10,11 @@ import pytest
 from resstream.cli import build_parser, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+def blocks(language: str, path: Path = README) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.S)
 
 
 def cli_lines() -> list[str]:
@@ -47,3 +48,13 @@ def test_cli_snippets_parse_and_cheap_ones_run(line, tmp_path, monkeypatch):
     if runs:
         monkeypatch.chdir(tmp_path)
         assert main(argv) == 0
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if blocks("python", d)], ids=lambda d: d.name)
+def test_python_snippets_in_docs_run(doc, tmp_path, monkeypatch):
+    """The docs' ```python blocks run in order in one namespace (in a scratch directory, since
+    some save files)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for snippet in blocks("python", doc):
+        exec(compile(snippet, str(doc), "exec"), namespace)  # noqa: S102 - our own docs

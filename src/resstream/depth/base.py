@@ -91,6 +91,7 @@ class DecodeWorkspace:
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self._source: tuple | None = None
+        self._inference = False  # whether the workspace was built under inference_mode
         self._checked = False
 
     def weights(self, op: "DepthOperator") -> list[Tensor]:
@@ -102,13 +103,15 @@ class DecodeWorkspace:
 
     def prepare(self, op: "DepthOperator", like: Tensor, offset: int) -> None:
         """Make the workspace current for a decode step at position `offset`."""
-        if self._checked and offset:
+        # tensors made under inference_mode cannot be updated in place outside it: rebuild
+        inference = torch.is_inference_mode_enabled()
+        if self._checked and offset and inference == self._inference:
             return
-        source = (like.dtype, like.device, like.shape[-1], torch.is_inference_mode_enabled(),
+        source = (like.dtype, like.device, like.shape[-1], inference,
                   *((p.data_ptr(), p._version) for p in self.weights(op)))
         if source != self._source:
             self.build(op, like)
-            self._source = source
+            self._source, self._inference = source, inference
         self._checked = True
 
     def new_sequence(self) -> None:
