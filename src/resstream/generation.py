@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from resstream.errors import UserError
+from resstream.hardware import parse_device, require_dtype_runs
 
 
 @dataclass
@@ -294,7 +295,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
 def _run_cli(args: argparse.Namespace) -> int:
     from resstream.data.tokenizer import get_tokenizer
 
-    model = load_checkpoint(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    device, dtype = parse_device(args.device), getattr(torch, args.dtype)
+    require_dtype_runs(dtype, device, "--dtype")
+    model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
     tokenizer = get_tokenizer("bytes")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the checkpoint's vocab_size={model.config.vocab_size} is smaller than the "

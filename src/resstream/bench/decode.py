@@ -56,6 +56,7 @@ from resstream.bench.timing import (format_table, median_interval, paired_ratios
                                     resolve_device, set_threads)
 from resstream.config import ModelConfig
 from resstream.errors import UserError
+from resstream.hardware import require_dtype_runs
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -407,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
+    require_dtype_runs(dtype, device, "--dtype")
     base = ModelConfig(vocab_size=256, **shape)
     result = run_benchmark(base, names, contexts, args.batch_size, repeats, steps, device, dtype)
     print_result(result, args.format, to_markdown)

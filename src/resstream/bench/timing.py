@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from resstream.errors import UserError
+from resstream.hardware import parse_device
 
 
 def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -45,9 +46,7 @@ def median_interval(values: list[float], level: float = 0.95, resamples: int = 1
 
 def resolve_device(name: str) -> torch.device:
     """The benchmarks' --device flag: "auto" is cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return parse_device(name)
 
 
 def set_threads(threads: int | None) -> None:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from resstream.data.cache import PreparedData, prepare_data
 from resstream.errors import UserError
+from resstream.hardware import WORKAROUND, cpu_matmul_works
 from resstream.metrics import EvalResult, evaluate_bpb
 from resstream.train import checkpoint as ckpt
 from resstream.train.config import TrainConfig
@@ -476,33 +477,14 @@ def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
 
 
 def _autocast_dtype(precision: str, device: torch.device, log) -> torch.dtype | None:
-    """bf16 autocast dtype, or None for fp32. On a CPU, bf16 matmuls are first tried in a child
-    process: some virtual machines advertise AMX-BF16 without enabling it, and oneDNN then dies
-    with SIGILL, which no exception handler can catch. If the probe fails the run uses fp32."""
+    """bf16 autocast dtype, or None for fp32. On a CPU whose bf16 matmuls crash the process
+    (`resstream.hardware`), the run uses fp32."""
     if precision != "bf16":
         return None
-    if device.type == "cpu" and not _cpu_bf16_matmul_works():
-        log("warning: bf16 matrix products crash on this CPU (try ONEDNN_MAX_CPU_ISA="
-            "AVX512_CORE_BF16); running in fp32")
+    if device.type == "cpu" and not cpu_matmul_works(torch.bfloat16):
+        log(f"warning: bf16 matrix products crash on this CPU ({WORKAROUND}); running in fp32")
         return None
     return torch.bfloat16
-
-
-_BF16_PROBE: dict[str, bool] = {}
-
-
-def _cpu_bf16_matmul_works() -> bool:
-    if "cpu" not in _BF16_PROBE:
-        code = ("import torch\n"
-                "x = torch.randn(8, 32)\nw = torch.randn(64, 32, requires_grad=True)\n"
-                "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
-                "    torch.nn.functional.linear(x, w).float().sum().backward()\n")
-        try:
-            probe = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
-            _BF16_PROBE["cpu"] = probe.returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            _BF16_PROBE["cpu"] = False
-    return _BF16_PROBE["cpu"]
 
 
 def _progress_bar(total: int | None, initial: int, label: str, enabled: bool,

@@ -1,0 +1,62 @@
+"""Whether this machine's CPU can run matrix products in a low-precision dtype.
+
+Some virtual machines advertise AMX-BF16 without enabling it. oneDNN then executes an illegal
+instruction and the process dies with SIGILL, which no exception handler can catch. So the first
+low-precision CPU matmul of a process is tried in a child process, and a command that was asked
+for that dtype refuses with a one-line error (the trainer falls back to float32 instead).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from resstream.errors import UserError
+
+WORKAROUND = "try ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16"
+_PROBED: dict[torch.dtype, bool] = {}
+
+
+def cpu_matmul_works(dtype: torch.dtype) -> bool:
+    """Whether matrix products in `dtype` (directly and under autocast, with a backward pass)
+    run on this CPU; float32 and float64 always do. Probed once per process and dtype."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    if dtype not in _PROBED:
+        name = str(dtype).replace("torch.", "")
+        code = ("import torch\nimport torch.nn.functional as F\n"
+                f"dtype = torch.{name}\n"
+                "x = torch.randn(8, 32)\nw = torch.randn(64, 32, requires_grad=True)\n"
+                "with torch.autocast('cpu', dtype=dtype):\n"
+                "    F.linear(x, w).float().sum().backward()\n"
+                "F.linear(x.to(dtype), w.detach().to(dtype))\n")
+        try:
+            probe = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+            _PROBED[dtype] = probe.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            _PROBED[dtype] = False
+    return _PROBED[dtype]
+
+
+def require_dtype_runs(dtype: torch.dtype, device: torch.device | str, flag: str) -> None:
+    """Raise a UserError, instead of dying with SIGILL later, when `dtype` cannot run on this
+    CPU (other devices are not probed)."""
+    if torch.device(device).type == "cpu" and not cpu_matmul_works(dtype):
+        name = str(dtype).replace("torch.", "")
+        raise UserError(f"{flag}={name} crashes matrix products on this CPU (illegal instruction; "
+                        f"{WORKAROUND}); allowed here: float32")
+
+
+def parse_device(name: str, flag: str = "--device") -> torch.device:
+    """A --device value: "auto" (cuda when available, else cpu) or a torch device string, which
+    must name a device this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{flag}={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag}={name} is unavailable (no CUDA device); allowed: auto or cpu")
+    return device
