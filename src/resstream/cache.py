@@ -6,8 +6,9 @@ module for its entry and stores it under the module's qualified name (`module.ca
 Depth-axis operators keep no token history (their depth state lives inside one forward),
 except the few that mix over tokens (DDL's TC compressor and EC expander). An entry may also
 be a decode workspace that holds no token history (depth_swa keeps its fused projection weights
-and per-step scratch there, AttnRes its source stack and folded pseudo-queries); such entries
-report no `tensors()` (see `resstream.depth.base.DecodeWorkspace`).
+and per-step scratch there, AttnRes its source stack and folded pseudo-queries, HC its
+coefficient tables); such entries report no `tensors()` (see
+`resstream.depth.base.DecodeWorkspace`).
 """
 from __future__ import annotations
 

@@ -44,8 +44,9 @@ A_r | B), C = static + scale * tanh(Z), with Z_j = RMSNorm(H_j) W computed as
 the tables' parameters of all sublayers are stacked once per forward. Training and prefill run
 hand-written autograd Functions: `HyperRead` (coefficients, h_in and the mixed streams from one
 batched matmul; its backward builds the streams' gradient in one buffer) and `StreamWrite` (one
-addcmul). A decode step (`is_decode_step`) keeps the streams as [B, n, d] and reads a sublayer
-with ten small ops (`decode_read`).
+addcmul). A decode step (`is_decode_step`) keeps the streams as [B, n, d], reads a sublayer
+with ten small ops (`decode_read`) and takes the stacked tables from the decode cache
+(`HyperWorkspace`), built once instead of at every step.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator, cast, compute_dtype, is_decode_step
+from resstream.depth.base import (DecodeWorkspace, DepthOperator, cast, compute_dtype,
+                                  decode_workspace, is_decode_step)
 from resstream.options import require
 from resstream.registry import register_depth_operator
 
@@ -260,6 +262,20 @@ def coefficient_tables(connections: list[HyperConnection], dtype: torch.dtype) -
     return [(p, s, c, floor) for p, s, c in zip(proj.unbind(), static, scale.unbind())]
 
 
+class HyperWorkspace(DecodeWorkspace):
+    """The decode-cache entry of hyper (and mHC): the per-sublayer coefficient tables
+    (`site_tables`), built from the weights once instead of at every decode step, where
+    stacking every sublayer's parameters would cost about a third of the operator's reads (see
+    `DecodeWorkspace` for when they are rebuilt)."""
+
+    def weights(self, op: "HyperConnections") -> list[Tensor]:
+        return [p for c in op.connections.values() for p in c._parameters.values()]
+
+    def build(self, op: "HyperConnections", like: Tensor) -> None:
+        with torch.no_grad():
+            self.tables = op.site_tables(compute_dtype(like.dtype))
+
+
 @register_depth_operator("hyper")
 class HyperConnections(DepthOperator):
     aggregates = ("n residual streams: per-sublayer learned read (A_m), write (B) and stream "
@@ -327,7 +343,9 @@ class HyperConnections(DepthOperator):
     def init_state(self, x0, ctx):
         autocast = torch.is_autocast_enabled(x0.device.type)
         if is_decode_step(x0):  # [B, 1, d]: the streams as [B, n, d]
-            return StreamState(x0.expand(-1, self.n, -1), decode=True, autocast=autocast)
+            tables = decode_workspace(self, x0, ctx).tables
+            return StreamState(x0.expand(-1, self.n, -1), tables=tables, decode=True,
+                               autocast=autocast)
         streams = x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n, x0.shape[-1])
         return StreamState(streams.contiguous(), autocast=autocast)
 
@@ -366,6 +384,9 @@ class HyperConnections(DepthOperator):
 
     def finalize(self, state, ctx):
         return state.streams.sum(-2, keepdim=state.decode)
+
+    def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> HyperWorkspace:
+        return HyperWorkspace(batch_size)
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
