@@ -41,6 +41,13 @@ def test_bench_decode_quick(capsys):
     assert rows["attnres", lo]["depth_state_bytes_per_token"] > base_lo["depth_state_bytes_per_token"]
     assert result["recompute"]["full_forward_ms"] > 0
     assert any("20x" in g["goal"] for g in result["goals"])
+    # the growth with context: each model at both contexts, interleaved in one loop
+    growth = {g["config"]: g for g in result["growth"]}
+    assert set(growth) == {"baseline", "shortswa_only"}
+    assert all((g["from"], g["to"]) == (lo, hi) and g["ratio_ci"][0] <= g["ratio"] <= g["ratio_ci"][1]
+               for g in growth.values())
+    [goal] = [g for g in result["goals"] if g["goal"].startswith("shortswa_only latency")]
+    assert goal["value"].startswith(f"{growth['shortswa_only']['ratio']:.3f}x")
     # the depth operators' latency goals are judged on the paired ratio
     for name in ("depth_swa", "block_attnres", "attnres", "ddl", "hyper"):
         [goal] = [g for g in result["goals"] if g["goal"].startswith(f"{name} ")]
