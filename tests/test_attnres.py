@@ -216,13 +216,15 @@ def test_no_active_layer_is_the_standard_model(depth):
         torch.testing.assert_close(model(IDS), baseline_twin(model)(IDS), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("depth,changes", [("attnres", {}),
-                                           ("block_attnres", {"local_mixer": "shortswa"}),
-                                           ("attnres", {"depth_layers": [1]}),
-                                           ("block_attnres", {"depth_layers": [0, 2]})])
-def test_incremental_decoding_matches_full_forward(depth, changes):
+@pytest.mark.parametrize("depth,options,changes", [
+    ("attnres", {}, {}), ("block_attnres", {}, {"local_mixer": "shortswa"}),
+    ("attnres", {}, {"depth_layers": [1]}), ("block_attnres", {}, {"depth_layers": [0, 2]}),
+    # blocks that straddle layers, and one block longer than the model
+    ("block_attnres", {"block_size": 3}, {}), ("block_attnres", {"block_size": 5}, {}),
+    ("block_attnres", {"block_size": 99}, {"local_mixer": "shortswa"})])
+def test_incremental_decoding_matches_full_forward(depth, options, changes):
     """Prefill takes the general two-phase path, the one-token steps the decode path."""
-    model = build(depth, **changes)  # float64: T=1 and T=7 kernels round differently in float32
+    model = build(depth, options, **changes)  # float64: T=1 and T=7 kernels round differently
     with torch.no_grad():
         full = model(IDS)
     torch.testing.assert_close(cached_logits(model, IDS, prefill=3), full, rtol=1e-10, atol=1e-10)
