@@ -59,4 +59,6 @@ def parse_device(name: str, flag: str = "--device") -> torch.device:
         raise UserError(f"{flag}={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag}={name} is unavailable (no CUDA device); allowed: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{flag}={name} is unavailable (MPS is not available); allowed: auto or cpu")
     return device

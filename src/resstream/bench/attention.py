@@ -44,8 +44,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, measure, print_result, resolve_device, set_threads
+from resstream.bench.timing import format_table, measure, print_result, set_threads
 from resstream.errors import UserError
+from resstream.hardware import parse_device
 from resstream.ops import local_attention, local_attention_mask
 from resstream.ops.local_attention import _flex_available
 
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--sizes={args.sizes!r} is invalid; allowed: comma-separated integers >= 1")
     _positive(args, "window", "heads", "head-dim", "batch", "repeats")
     set_threads(args.threads)
-    device = resolve_device(args.device)
+    device = parse_device(args.device)
     torch.manual_seed(0)
     args.load_start = _load()
     results = {n: _run_size(n, args, device, torch.float32) for n in sorted(set(sizes))}

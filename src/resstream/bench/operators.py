@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, print_result, resolve_device, set_threads
+from resstream.bench.timing import format_table, print_result, set_threads
 from resstream.config import ModelConfig
 from resstream.errors import UserError
+from resstream.hardware import parse_device
 from resstream.registry import DEPTH_OPERATORS
 
 # operator -> options of the benchmarked variant
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         if shape[key] < 1:
             raise UserError(f"--{key.replace('_', '-')}={shape[key]} is invalid; allowed: an integer >= 1")
     set_threads(args.threads)
-    device = resolve_device(args.device)
+    device = parse_device(args.device)
     overrides = parse_overrides(args.option)
     names = choose_operators(args.operators, args.quick)
     unknown = sorted(set(overrides) - set(names))
