@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from resstream.data.cache import PreparedData, prepare_data
 from resstream.errors import UserError
-from resstream.hardware import WORKAROUND, cpu_matmul_works
+from resstream.hardware import WORKAROUND, cpu_matmul_works, parse_device
 from resstream.metrics import EvalResult, evaluate_bpb
 from resstream.train import checkpoint as ckpt
 from resstream.train.config import TrainConfig
@@ -146,16 +147,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _device(self) -> torch.device:
-        wanted = self.config.train.device
-        if wanted == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if wanted == "cuda" and not torch.cuda.is_available():
-            raise UserError("train.device='cuda' is invalid; allowed: cpu or auto (no CUDA device "
-                            "is available)")
-        if wanted == "mps" and not torch.backends.mps.is_available():
-            raise UserError("train.device='mps' is invalid; allowed: cpu or auto (MPS is not "
-                            "available)")
-        return torch.device(wanted)
+        return parse_device(self.config.train.device, "train.device")
 
     def _prepare_run_dir(self) -> None:
         """Refuse a non-empty folder unless resuming or overwriting a resstream run."""
@@ -445,23 +437,18 @@ class _ThreadWatch:
         self.times.append(seconds)
         if self.reference is None:
             if len(self.times) == 1 + self.WINDOW:
-                self.reference = _median(self.times[1:])
+                self.reference = statistics.median_high(self.times[1:])
             return
         if len(self.times) < self.WINDOW:
             return
         threads = torch.get_num_threads()
-        recent = _median(self.times[-self.WINDOW:])
+        recent = statistics.median_high(self.times[-self.WINDOW:])
         if threads > 1 and recent > self.SLOWDOWN * self.reference:
             torch.set_num_threads(1)
             self.log(f"\nwarning: steps slowed from {self.reference:.2f} s to {recent:.2f} s "
                      f"with {threads} threads (busy machine?); continuing with 1 thread")
             self.times.clear()
             self.reference = None  # re-measure at one thread
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
 
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
