@@ -57,11 +57,10 @@ from typing import Any
 
 import torch
 
-from resstream.bench.timing import (format_table, median_interval, paired_ratios, print_result,
-                                    resolve_device, set_threads)
+from resstream.bench.timing import format_table, paired_ratio, print_result, set_threads
 from resstream.config import ModelConfig
 from resstream.errors import UserError
-from resstream.hardware import require_dtype_runs
+from resstream.hardware import parse_device, require_dtype_runs
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -259,9 +258,8 @@ def measure_growth(variant: Variant, pair: tuple[int, int], batch: int, repeats:
     for r in range(repeats):
         for c in (pair if r % 2 == 0 else pair[::-1]):
             times[c].append(time_steps(variant.model, token, caches[c], c, steps))
-    ratios = paired_ratios(times[high], times[low])
-    return {"config": variant.name, "from": low, "to": high,
-            "ratio": statistics.median(ratios), "ratio_ci": median_interval(ratios)}
+    ratio, interval = paired_ratio(times[high], times[low])
+    return {"config": variant.name, "from": low, "to": high, "ratio": ratio, "ratio_ci": interval}
 
 
 def measure_recompute(ready: list[Variant], base, contexts, repeats, device) -> dict | None:
@@ -314,10 +312,8 @@ def summarize(variants, base, contexts, batch, repeats, steps, device, dtype, re
 
 def paired_columns(times: list[float], reference: list[float] | None) -> dict:
     """The paired ratio to the baseline (median over repeats) and its 95% bootstrap interval."""
-    if reference is None:
-        return {"paired_ratio": None, "paired_ratio_ci": None}
-    ratios = paired_ratios(times, reference)
-    return {"paired_ratio": statistics.median(ratios), "paired_ratio_ci": median_interval(ratios)}
+    ratio, interval = paired_ratio(times, reference) if reference is not None else (None, None)
+    return {"paired_ratio": ratio, "paired_ratio_ci": interval}
 
 
 def _row(result, name, context) -> dict | None:
@@ -442,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     # contexts are capped so that one more token still fits (max_seq_len for global attention)
     contexts = sorted({min(c, shape["max_seq_len"] - 1) for c in contexts})
     set_threads(args.threads)
-    device = resolve_device(args.device)
+    device = parse_device(args.device)
     dtype = getattr(torch, args.dtype)
     require_dtype_runs(dtype, device, "--dtype")
     base = ModelConfig(vocab_size=256, **shape)

@@ -10,7 +10,6 @@ from typing import Callable
 import torch
 
 from resstream.errors import UserError
-from resstream.hardware import parse_device
 
 
 def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -34,6 +33,12 @@ def paired_ratios(times: list[float], reference: list[float]) -> list[float]:
     return [t / r for t, r in zip(times, reference, strict=True)]
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> tuple[float, tuple[float, float]]:
+    """The median of `paired_ratios` and its 95% bootstrap interval."""
+    ratios = paired_ratios(times, reference)
+    return statistics.median(ratios), median_interval(ratios)
+
+
 def median_interval(values: list[float], level: float = 0.95, resamples: int = 1000,
                     seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of the median of `values` (resampling the repeats)."""
@@ -42,11 +47,6 @@ def median_interval(values: list[float], level: float = 0.95, resamples: int = 1
                      for _ in range(resamples))
     tail = (1 - level) / 2
     return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
-
-
-def resolve_device(name: str) -> torch.device:
-    """The benchmarks' --device flag: "auto" is cuda when available, else cpu."""
-    return parse_device(name)
 
 
 def set_threads(threads: int | None) -> None:
