@@ -370,6 +370,14 @@ class PseudoQueryReads(DepthOperator):
         return (n_sites - 1) // self.block_size + 2
 
 
+def attend_stack(query: Tensor, values: Tensor, keys: Tensor) -> Tensor:
+    """softmax_i(q . [v_i, c] / |[v_i, c]|) v_i for query [B, 1, d+1], values [B, m, d] and keys
+    [B, d+1, m] (the sources with their c column, transposed): 5 ops. Returns [B, 1, d]."""
+    logits = torch.bmm(query, keys)  # [B, 1, m]
+    logits.div_(torch.linalg.vector_norm(keys, dim=1, keepdim=True))
+    return torch.bmm(torch.softmax(logits, dim=-1), values)
+
+
 class AttnResWorkspace(DecodeWorkspace):
     """Block AttnRes's decode-cache entry (see `DecodeWorkspace` for when it is rebuilt). In a
     one-token step every read and write is static given the block layout: read i sees the
@@ -382,9 +390,8 @@ class AttnResWorkspace(DecodeWorkspace):
                query), and its m_i sources as values [B, m_i, d] and keys [B, d + 1, m_i]
       targets  per write index: the [B, 1, d] slot it writes and whether it starts a block
     With this q, w^T RMSNorm_g(v) = (w * g)^T v / sqrt(|v|^2 / d + eps) = q^T [v, c] / |[v, c]|:
-    a read is 5 ops (one bmm for the dot products, one vector norm with the eps inside, a
-    division, softmax, one bmm for the mixture), plus a cast of its sources for a bfloat16 or
-    float16 stream. The c column costs one value per source and token (`depth_state_values`)."""
+    a read is 5 ops (`attend_stack`), plus a cast of its sources for a bfloat16 or float16
+    stream. The c column costs one value per source and token (`depth_state_values`)."""
 
     def weights(self, op: "BlockAttnResBase") -> list[Tensor]:
         return [*op.query._parameters.values(), *op.key_norm._parameters.values()]
@@ -413,7 +420,7 @@ class AttnResWorkspace(DecodeWorkspace):
         self.reads[0][1].copy_(x0)  # slot 0 of the stack
         # the plain sum of every source, which inactive reads return (kept only for them)
         self.total = x0.clone() if keep_total else None
-        # reads run in the compute dtype without autocast (see read_cast)
+        # reads run in the compute dtype without autocast (see read)
         self.plain = self.same_dtype and not torch.is_autocast_enabled(self.device_type)
         return self
 
@@ -422,21 +429,14 @@ class AttnResWorkspace(DecodeWorkspace):
         query, values, keys = self.reads[index]
         if query is None:  # the embedding (read 0's only source) or an inactive read
             return values if index == 0 else self.total
-        if not self.plain:
-            return self.read_cast(query, keys)
-        logits = torch.bmm(query, keys)  # [B, 1, m]
-        logits.div_(torch.linalg.vector_norm(keys, dim=1, keepdim=True))
-        return torch.bmm(torch.softmax(logits, dim=-1), values)
-
-    def read_cast(self, query: Tensor, keys: Tensor) -> Tensor:
-        """The read in the compute dtype with autocast off, for a bfloat16/float16 stream or a
-        step under autocast; the c column is set again in the compute dtype."""
+        if self.plain:
+            return attend_stack(query, values, keys)
+        # a bfloat16/float16 stream or a step under autocast: the read in the compute dtype with
+        # autocast off, the c column set again in the compute dtype
         with torch.autocast(self.device_type, enabled=False):
             keys = keys.to(self.compute)
             keys[:, -1] = self.c
-            logits = torch.bmm(query, keys)
-            logits.div_(torch.linalg.vector_norm(keys, dim=1, keepdim=True))
-            return torch.bmm(torch.softmax(logits, dim=-1), keys[:, :-1].mT).to(self.dtype)
+            return attend_stack(query, keys[:, :-1].mT, keys).to(self.dtype)
 
     def write(self, index: int, out: Tensor) -> None:
         target, starts_block = self.targets[index]

@@ -80,10 +80,10 @@ class DecodeSlots:
 
 @dataclass
 class DecodeState:
-    """Decode-step path (shared module): the stream and the window's slots."""
+    """Decode-step path (shared module): the stream and the workspace (fused weights, slots)."""
 
     h: Tensor  # [B, 1, d]
-    slots: DecodeSlots
+    workspace: "DepthSWAWorkspace"
     reads: int = 0  # reads done so far in this step
 
 
@@ -204,7 +204,7 @@ class DepthSWA(DepthOperator):
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
         if self._lean_decode(x0, ctx):
-            return DecodeState(x0, decode_workspace(self, x0, ctx).slots)
+            return DecodeState(x0, decode_workspace(self, x0, ctx))
         return DepthState(x0)
 
     def _lean_decode(self, x0: Tensor, ctx) -> bool:
@@ -220,7 +220,7 @@ class DepthSWA(DepthOperator):
     def read(self, state, site, norm, ctx):
         if site.index in self.reads:
             if isinstance(state, DecodeState):
-                state.h = self._decode_read(state, ctx.entry(self))
+                state.h = self._decode_read(state)
             else:
                 state.h = self._inject(state.h, self.read_step(state, site.index), site)
         return norm(state.h)
@@ -258,9 +258,10 @@ class DepthSWA(DepthOperator):
             del states[:-self.window]
         return states
 
-    def _decode_read(self, state: DecodeState, workspace: DepthSWAWorkspace) -> Tensor:
+    def _decode_read(self, state: DecodeState) -> Tensor:
         """The read and its injection for one token per sequence: the block's input u, [B, 1, d]."""
-        slots = state.slots
+        workspace = state.workspace
+        slots = workspace.slots
         slot, n_keys = state.reads % len(slots.targets), min(state.reads + 1, len(slots.targets))
         state.reads += 1
         normed = workspace.normalise(state.h)
