@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/resstream demo
+	$(BIN)/resstream compare demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2

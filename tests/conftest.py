@@ -1,8 +1,23 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Fewer threads on a loaded machine: transformers' from_pretrained loads weights in a thread pool
+# (core_model_loading.py, up to 4 workers) unless HF_DEACTIVATE_ASYNC_LOAD is set; under the
+# parallel suite on a busy machine starting those threads failed once ("can't start new
+# thread"). Set before transformers is imported; child processes inherit it.
+os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# smoke mode (resstream.smoke) only where a test sets it (tests/test_doc_commands.py): an
+# exported RESSTREAM_SMOKE would change the budgets every other test relies on
+os.environ.pop("RESSTREAM_SMOKE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import tqdm  # noqa: E402
+
+tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread per progress bar
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 

@@ -38,7 +38,7 @@ def reference_full(model, ids):
     """Full AttnRes (paper eqs.): h_l = sum_{i<l} softmax_i(w_l^T RMSNorm_l(v_i)) v_i over
     v_0 = embedding and every earlier sublayer output; inactive blocks read sum_i v_i."""
     op, eps = model.depth, model.config.norm_eps
-    ctx = model.context(ids.shape[1], None, None, ids.device)
+    ctx = model.context(ids.shape[1], None, ids.device)
     sources = [model.embed(ids)]
     for site, sub in sublayer_pairs(model):
         if op.is_active(site.layer):
@@ -57,7 +57,7 @@ def reference_block(model, ids, block_size):
     starts as the embedding, so index 0 turns the embedding into block 0. Inactive blocks (and
     the final read when the last block is inactive) read the plain sum of those values."""
     op, eps = model.depth, model.config.norm_eps
-    ctx = model.context(ids.shape[1], None, None, ids.device)
+    ctx = model.context(ids.shape[1], None, ids.device)
     blocks, partial = [], model.embed(ids)
     for site, sub in sublayer_pairs(model):
         values = blocks + ([partial] if partial is not None else [])
@@ -291,7 +291,7 @@ def test_accounting():
 
 
 @pytest.mark.parametrize("options", [{"block_size": 0}, {"block_size": -2}, {"window": 3},
-                                     {"block_size": "4"}])
+                                     {"block_size": "four"}, {"block_size": 2.5}])
 def test_options_validated(options):
     with pytest.raises(UserError, match="block_size|window"):
         tiny_config(depth="block_attnres", depth_options=options)

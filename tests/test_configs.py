@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from resstream.demo import DEMO_DEFAULTS
+from resstream.compare.study import load_study
 from resstream.train.config import TrainConfig, load_config_file
 from resstream.train.trainer import Trainer
 
@@ -38,11 +38,12 @@ def test_shipped_config_resolves_and_trains(path, tmp_path):
     assert small.optim == config.optim and small.model == config.model
 
 
-def test_demo_recipe_matches_its_config():
+def test_demo_study_recipe_matches_its_config():
+    """configs/shakespeare-small.yaml is the demo study's baseline as a `resstream train`
+    config: same preset, data and optimizer settings."""
     config = TrainConfig.from_dict(load_config_file(CONFIG_DIR / "shakespeare-small.yaml"))
-    assert config.preset == DEMO_DEFAULTS["preset"]
+    study = load_study("demo")
+    assert config.preset == study.preset
     for section in ("data", "optim"):
-        for key, value in DEMO_DEFAULTS[section].items():
+        for key, value in study.config[section].items():
             assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
-    for key in ("steps", "seed", "eval_every", "eval_tokens", "final_eval_tokens"):
-        assert getattr(config.train, key) == DEMO_DEFAULTS["train"][key], f"train.{key}"

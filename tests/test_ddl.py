@@ -1,4 +1,4 @@
-"""Deep Delta Learning: the Delta-operator properties (spec depth-operators.md §9) and the model
+"""Deep Delta Learning: the Delta-operator properties (the paper's equations; docs/design.md, decision 4) and the model
 against a float64 reference written from the equations."""
 import math
 

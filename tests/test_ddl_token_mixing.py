@@ -1,4 +1,4 @@
-"""DDL's token-mixing parts (spec depth-operators.md §9): the TC compressor and the EC embedding
+"""DDL's token-mixing parts (the paper's equations; docs/design.md, decision 4): the TC compressor and the EC embedding
 expander, against float64 loop references of their convs and of the whole model, their initial
 values, their decode caches (cached chunked decoding equals the full forward) and their options."""
 import pytest

@@ -31,7 +31,7 @@ def reference_delta(model, ids):
     positive multiple of block_size, and at the end of the model."""
     op, eps, opts = model.depth, model.config.norm_eps, model.depth.options
     block_size = opts.block_size if opts.granularity == "block" else 1
-    ctx = model.context(ids.shape[1], None, None, ids.device)
+    ctx = model.context(ids.shape[1], None, ids.device)
     x = x0 = model.embed(ids)
     sources, boundary = [x0], x0
 

@@ -37,10 +37,11 @@ def prompts(lengths, seed=1, vocab=64):
 def test_cached_generation_equals_uncached(name):
     model = build(**CONFIGS[name])
     ids = torch.stack(prompts([9, 9]))
-    greedy = model.generate(ids, 12, temperature=0)
-    assert greedy.tokens == model.generate(ids, 12, temperature=0, use_cache=False).tokens
-    sampled = model.generate(ids, 12, 1.0, None, 0.95, 7)
-    assert sampled.tokens == model.generate(ids, 12, 1.0, None, 0.95, 7, use_cache=False).tokens
+    greedy = model.generate(ids, 12, temperature=0, return_dict=True)
+    assert greedy.tokens == model.generate(ids, 12, temperature=0, use_cache=False, return_dict=True).tokens
+    sampled = model.generate(ids, 12, 1.0, None, 0.95, 7, return_dict=True)
+    uncached = model.generate(ids, 12, 1.0, None, 0.95, 7, use_cache=False, return_dict=True)
+    assert sampled.tokens == uncached.tokens
     assert all(len(t) == 12 for t in greedy.tokens)
 
 
@@ -48,9 +49,9 @@ def test_cached_generation_equals_uncached(name):
 def test_rows_of_different_lengths_equal_generating_each_row_alone(name):
     model = build(**CONFIGS[name])
     rows = prompts([3, 11, 6])
-    batched = model.generate(rows, 8, temperature=0, prefill_chunk=2)
+    batched = model.generate(rows, 8, temperature=0, prefill_chunk=2, return_dict=True)
     for i, row in enumerate(rows):
-        alone = model.generate(row[None], 8, temperature=0)
+        alone = model.generate(row[None], 8, temperature=0, return_dict=True)
         assert batched.tokens[i] == alone.tokens[0], f"row {i}"
         assert batched.prompts[i] == row.tolist()
         assert batched.sequences()[i] == row.tolist() + alone.tokens[0]
@@ -59,13 +60,13 @@ def test_rows_of_different_lengths_equal_generating_each_row_alone(name):
 def test_sampling_is_deterministic_for_a_fixed_seed():
     model = build()
     ids = torch.stack(prompts([5, 5]))
-    first = model.generate(ids, 20, temperature=1.0, seed=123)
-    assert first.tokens == model.generate(ids, 20, temperature=1.0, seed=123).tokens
-    assert first.tokens != model.generate(ids, 20, temperature=1.0, seed=124).tokens
+    first = model.generate(ids, 20, temperature=1.0, seed=123, return_dict=True)
+    assert first.tokens == model.generate(ids, 20, temperature=1.0, seed=123, return_dict=True).tokens
+    assert first.tokens != model.generate(ids, 20, temperature=1.0, seed=124, return_dict=True).tokens
     # top_k=1 and a tiny top_p both reduce sampling to greedy
-    greedy = model.generate(ids, 10, temperature=0).tokens
-    assert model.generate(ids, 10, temperature=1.0, top_k=1, seed=5).tokens == greedy
-    assert model.generate(ids, 10, temperature=1.0, top_p=1e-6, seed=5).tokens == greedy
+    greedy = model.generate(ids, 10, temperature=0, return_dict=True).tokens
+    assert model.generate(ids, 10, temperature=1.0, top_k=1, seed=5, return_dict=True).tokens == greedy
+    assert model.generate(ids, 10, temperature=1.0, top_p=1e-6, seed=5, return_dict=True).tokens == greedy
 
 
 def test_top_k_and_top_p_restrict_the_support():
@@ -85,25 +86,25 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_stop_sequence_ends_each_row_and_streaming_reports_every_token():
     model = build()
     rows = prompts([4, 7])
-    free = model.generate(rows, 16, temperature=0).tokens
+    free = model.generate(rows, 16, temperature=0, return_dict=True).tokens
     stop = free[0][5:7]
     first = next(i for i in range(len(free[0]) - 1) if free[0][i:i + 2] == stop)
     streamed = []
     out = model.generate(rows, 16, temperature=0, stop=bytes(stop),
-                         on_token=lambda row, token: streamed.append((row, token)))
+                         on_token=lambda row, token: streamed.append((row, token)), return_dict=True)
     assert out.tokens[0] == free[0][:first + 2] and out.stopped[0]
     if not any(free[1][i:i + 2] == stop for i in range(15)):
         assert out.tokens[1] == free[1] and not out.stopped[1]
     for row in (0, 1):
         assert [t for r, t in streamed if r == row] == out.tokens[row]
-    assert model.generate(rows, 0).tokens == [[], []]
+    assert model.generate(rows, 0, return_dict=True).tokens == [[], []]
 
 
 def test_shortswa_only_stack_generates_past_max_seq_len():
     model = build(local_mixer="shortswa", mixer_options={"replace_attention": True}, max_seq_len=16)
     ids = prompts([20])[0][None]  # the prompt alone is longer than max_seq_len
-    out = model.generate(ids, 10, temperature=0)
-    assert out.tokens == model.generate(ids, 10, temperature=0, use_cache=False).tokens
+    out = model.generate(ids, 10, temperature=0, return_dict=True)
+    assert out.tokens == model.generate(ids, 10, temperature=0, use_cache=False, return_dict=True).tokens
 
 
 def test_bad_input_gives_clear_errors():
@@ -144,7 +145,7 @@ def test_generate_command_streams_the_continuation(tmp_path, capsys):
     code = cli_main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "ab",
                      "--max-new-tokens", "6", "--temperature", "0"])
     assert code == 0
-    expected = model.generate(torch.tensor([[97, 98]]), 6, temperature=0).tokens[0]
+    expected = model.generate(torch.tensor([[97, 98]]), 6, temperature=0, return_dict=True).tokens[0]
     text = capsys.readouterr().out
     assert text == "ab" + bytes(expected).decode("utf-8", errors="replace") + "\n"
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "a"]) == 2
@@ -159,5 +160,87 @@ def test_generate_command_reads_a_training_run(tmp_path, capsys):
     save_checkpoint(tmp_path / "run", 3, model, optimizer, {"model_config": model.config.to_dict()}, keep=1)
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x",
                      "--max-new-tokens", "4", "--temperature", "0"]) == 0
-    expected = model.generate(torch.tensor([[120]]), 4, temperature=0).tokens[0]
+    expected = model.generate(torch.tensor([[120]]), 4, temperature=0, return_dict=True).tokens[0]
     assert capsys.readouterr().out == "x" + bytes(expected).decode("utf-8", errors="replace") + "\n"
+
+
+# ---------------------------------------------------------------------------------- the tensor
+def test_generate_returns_prompt_plus_new_tokens_as_a_right_padded_tensor():
+    model = build()
+    rows = prompts([3, 9, 5])
+    record = model.generate(rows, 6, temperature=0, return_dict=True)
+    out = model.generate(rows, 6, temperature=0)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.long
+    assert out.shape == (3, 9 + 6) and record.lengths == [3 + 6, 9 + 6, 5 + 6]
+    for i, length in enumerate(record.lengths):
+        assert out[i, :length].tolist() == record.sequences()[i]
+        assert (out[i, length:] == 0).all()  # the default pad_token_id
+    padded = model.generate(rows, 6, temperature=0, pad_token_id=-1)
+    assert (padded[0, 9:] == -1).all() and torch.equal(padded[1], out[1])
+    assert torch.equal(record.tensor(pad_token_id=-1), padded)
+    one = model.generate(rows[0], 4, temperature=0)  # a [T] prompt gives one row
+    assert one.shape == (1, 3 + 4) and torch.equal(one[0, :3], rows[0])
+    with pytest.raises(UserError, match="pad_token_id"):
+        model.generate(rows, 2, pad_token_id=0.5)
+
+
+def test_a_row_that_stops_early_is_padded_and_its_length_says_where():
+    model = build()
+    rows = prompts([4, 7])
+    free = model.generate(rows, 12, temperature=0, return_dict=True).tokens
+    record = model.generate(rows, 12, temperature=0, stop=free[0][:2], return_dict=True)
+    out = record.tensor(pad_token_id=-5)
+    assert record.stopped[0] and record.lengths[0] == 4 + 2
+    assert out[0, 4 + 2:].eq(-5).all() and out[0, :6].tolist() == rows[0].tolist() + free[0][:2]
+
+
+def test_crop_context_generates_past_max_seq_len_with_global_attention():
+    model = build(max_seq_len=16)
+    ids = prompts([5])[0][None]
+    with pytest.raises(UserError, match="crop_context"):
+        model.generate(ids, 30, temperature=0)
+    long = model.generate(ids, 30, temperature=0, crop_context=True, return_dict=True)
+    short = model.generate(ids, 11, temperature=0, return_dict=True)  # fills the context exactly
+    assert len(long.tokens[0]) == 30 and long.tokens[0][:11] == short.tokens[0]
+    uncached = model.generate(ids, 30, temperature=0, crop_context=True, use_cache=False)
+    assert uncached.shape == (1, 35) and uncached[0, :16].tolist() == short.sequences()[0]
+
+
+# ---------------------------------------------------------------------------------- no padding mask
+def test_there_is_no_padding_mask_to_pass():
+    import dataclasses
+    import inspect
+    from pathlib import Path
+
+    from resstream.cache import ForwardContext
+
+    assert "key_padding_mask" not in inspect.signature(ResStreamLM.forward).parameters
+    assert "key_padding_mask" not in {f.name for f in dataclasses.fields(ForwardContext)}
+    source = Path(__file__).resolve().parents[1] / "src" / "resstream"
+    users = [str(p) for p in source.rglob("*.py") if "key_padding_mask" in p.read_text()]
+    assert users == []  # a mask no operator honours everywhere would give silently wrong output
+
+
+# ---------------------------------------------------------------------------------- imports
+def test_generation_imports_without_a_cycle_in_a_fresh_interpreter():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for order in ("resstream.generation", "resstream.hf, resstream.generation",
+                  "resstream.loading, resstream.generation", "resstream.model, resstream.loading"):
+        done = subprocess.run([sys.executable, "-c", f"import {order}"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    source = Path(__file__).resolve().parents[1] / "src" / "resstream"
+    assert not (source / "train" / "sampling.py").exists()  # the second sampler is gone
+
+    def top_level_imports(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {node.module for node in tree.body if isinstance(node, ast.ImportFrom)} | {
+            alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+
+    # generation must not pull in the model (model imports generation lazily, in generate())
+    assert not top_level_imports(source / "generation.py") & {
+        "resstream.model", "resstream.hf", "resstream.loading", "resstream.train.sampling"}
+    assert "resstream.generation" not in top_level_imports(source / "model.py")

@@ -86,7 +86,7 @@ def reference_streams(model, ids):
     stream; final: sum of the streams."""
     op, eps, n = model.depth, model.config.norm_eps, model.depth.n
     coefficients = mhc_coefficients if model.config.depth == "mhc" else hc_coefficients
-    ctx = model.context(ids.shape[1], None, None, ids.device)
+    ctx = model.context(ids.shape[1], None, ids.device)
     x0 = model.embed(ids)
     streams = [x0.clone() for _ in range(n)]
     for site, sub in sublayer_pairs(model):
@@ -273,7 +273,7 @@ def from_package(residual, n):
 def test_one_sublayer_matches_hyper_connections_package(dynamic):
     model = build("hyper", {"dynamic": dynamic, "streams": 3}, norm_eps=1e-12)
     site, sub = list(sublayer_pairs(model))[3]
-    ctx = model.context(IDS.shape[1], None, None, IDS.device)
+    ctx = model.context(IDS.shape[1], None, IDS.device)
     streams = torch.randn(2, IDS.shape[1], 3, 32, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -291,7 +291,7 @@ def test_stack_matches_hyper_connections_package(dynamic, changes):
     reduce (sum) -> final norm and head, against our operator on the same weights."""
     n = 4
     model = build("hyper", {"dynamic": dynamic}, norm_eps=1e-12, **changes)
-    ctx = model.context(IDS.shape[1], None, None, IDS.device)
+    ctx = model.context(IDS.shape[1], None, IDS.device)
     with torch.no_grad():
         x0 = model.embed(IDS)
         residual = x0.repeat_interleave(n, dim=0)  # the package's expand: 'b ... -> (b s) ...'

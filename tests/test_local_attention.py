@@ -226,7 +226,7 @@ def _package(window_size):
 
 @pytest.mark.parametrize("n, window", [(24, 4), (23, 4), (30, 7), (9, 2), (5, 12), (64, 17)])
 def test_equals_local_attention_package_with_window_size_w_minus_1(n, window):
-    """Spec decision 1: the package's exact window attends to distance <= window_size (w + 1
+    """docs/design.md, decision 1: the package's exact window attends to distance <= window_size (w + 1
     keys), so its window_size = w - 1 is our window = w; forward and gradients agree."""
     q, k, v = random_inputs(2, 3, n, n, 8)
     theirs = _package(window - 1)(q, k, v)
@@ -240,7 +240,7 @@ def test_equals_local_attention_package_with_window_size_w_minus_1(n, window):
 
 
 def test_local_attention_package_window_size_w_sees_w_plus_1_keys():
-    """The off-by-one the spec warns about: the package's window_size = w equals our w + 1."""
+    """The off-by-one docs/design.md (decision 1) warns about: the package's window_size = w equals our w + 1."""
     q, k, v = (t.detach() for t in random_inputs(1, 2, 20, 20, 8))
     theirs = _package(4)(q, k, v)
     torch.testing.assert_close(theirs, local_attention(q, k, v, 5, "chunked"), atol=1e-10, rtol=1e-10)

@@ -68,7 +68,7 @@ def test_overrides_are_typed_data():
     assert config.optim.lr == pytest.approx(3e-4)
     assert config.train.compile is True and config.data.seq_len is None
     assert config.model == {"depth": "ddl"}
-    with pytest.raises(UserError, match=r"optim\.lr='fast' is invalid; allowed: a number"):
+    with pytest.raises(UserError, match=r"optim\.lr='fast' is invalid; allowed: a finite number"):
         TrainConfig().with_overrides({"optim.lr": "fast"})
     with pytest.raises(UserError, match=r"optim\.lr=-0\.1 is invalid; allowed: a number > 0"):
         TrainConfig().with_overrides({"optim.lr": -0.1})
@@ -353,3 +353,82 @@ def test_thread_watch_drops_to_one_thread_when_steps_slow_down():
     for seconds in (0.5, 0.5, 0.5):
         with_reference.observe(seconds)
     assert torch.get_num_threads() == 1
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_resume_matches_an_uninterrupted_run(corpus_slice,
+                                                                               tmp_path):
+    """SIGINT mid-run: one line on stderr naming the checkpoint of the last completed step,
+    exit code 130; --resume from it ends bitwise equal to a run that was never interrupted."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = subprocess.Popen(_train_cmd(corpus_slice, straight), cwd=tmp_path,
+                                 env=_subprocess_env(tmp_path, slow=False),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(_train_cmd(corpus_slice, stopped), cwd=tmp_path,
+                              env=_subprocess_env(tmp_path, slow=True),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first_checkpoint = stopped / "checkpoints" / "step_00000004"
+    deadline = time.monotonic() + 120
+    while not first_checkpoint.exists():
+        assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGINT)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130, err.decode()[-2000:]
+    line = err.decode().strip().splitlines()[-1]
+    assert line.startswith("resstream train: interrupted at step ") and "--resume" in line
+    step = int(line.split("interrupted at step ")[1].split()[0])
+    assert 4 <= step < 12
+    saved = ckpt.latest_checkpoint(stopped)
+    assert saved.name == f"step_{step:08d}" and str(saved) in line
+    ckpt.read_checkpoint(saved)  # complete: both hashes verify
+
+    resumed = subprocess.run(_train_cmd(corpus_slice, stopped, "--resume"), cwd=tmp_path,
+                             env=_subprocess_env(tmp_path, slow=False), capture_output=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert f"from step {step}".encode() in resumed.stderr
+    _, reference_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, reference_err.decode()[-2000:]
+    final = "checkpoints/step_00000012"
+    for name in (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE):
+        expected, actual = load_file(straight / final / name), load_file(stopped / final / name)
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), f"{name}:{key} differs"
+
+
+def test_tensorboard_logging_mirrors_the_metrics(corpus_slice, tmp_path, monkeypatch):
+    """train.log=tensorboard writes train/loss, train/lr and val/bpb through torch's
+    SummaryWriter (faked here: tensorboard is not a dependency); without the package, the run
+    refuses with one line before touching --out."""
+    import types
+
+    calls: list = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, tag, value, global_step):
+            calls.append((tag, global_step, value))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    config = TrainConfig.from_dict({
+        "preset": "tiny", "data": {"source": str(corpus_slice), "seq_len": 32, "batch_size": 2},
+        "train": {"steps": 2, "log": "tensorboard", "log_every": 1, "eval_every": 1,
+                  "eval_tokens": 64, "final_eval_tokens": 64, "progress": False}})
+    Trainer(config, tmp_path / "run").run()
+    assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    tags = {(call[0], call[1]) for call in calls[1:-1]}
+    assert {("train/loss", 1), ("train/lr", 2), ("val/bpb", 0), ("val/bpb", 2)} <= tags
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0  # JSONL is always written
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        Trainer(config, tmp_path / "other").run()
+    assert not (tmp_path / "other").exists()

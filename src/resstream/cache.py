@@ -22,12 +22,11 @@ from torch import Tensor
 @dataclass
 class ForwardContext:
     """What every sublayer may need besides its input: absolute positions of the tokens of this
-    call, the cache (None for a plain full forward) and, for batched generation with left
-    padding, a [B, cache_len_after_call] mask that is True at real tokens."""
+    call and the cache (None for a plain full forward). No padding mask: every token of every
+    row is real (see resstream.generation for prompts of different lengths)."""
 
     positions: Tensor
     cache: "ModelCache | None" = None
-    key_padding_mask: Tensor | None = None
 
     @property
     def offset(self) -> int:

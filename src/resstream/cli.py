@@ -14,7 +14,7 @@ COMMAND_MODULES = (
     "resstream.generation",
     "resstream.operators_table",
     "resstream.train.commands",
-    "resstream.demo",
+    "resstream.compare.cli",
 )
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"resstream {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"resstream {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a run may say where it saved its checkpoint
+        print(f"resstream {args.command}: {str(interrupt).strip() or 'interrupted'}",
+              file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from resstream.coerce import coerce_instance, require
 from resstream.errors import UserError
-from resstream.options import require
 
 
 @dataclass
@@ -87,6 +87,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        coerce_instance(self)  # the shared coercion: types, "5e-1" as a number, floats finite
         positive_ints = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "local_window")
         for name in positive_ints:
             value = getattr(self, name)
@@ -103,8 +104,11 @@ class ModelConfig:
         if self.mlp_hidden is not None:
             require(isinstance(self.mlp_hidden, int) and self.mlp_hidden >= 1, "mlp_hidden",
                     self.mlp_hidden, "an integer >= 1 or null")
-        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
-        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "a number > 0")
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a finite number > 0")
+        require(0 < self.norm_eps < 1, "norm_eps", self.norm_eps, "a number in (0, 1)")
+        # std of the normal init: negative is meaningless (torch raises), zero makes all
+        # weights equal so no unit can learn anything different from its neighbours
+        require(self.init_std > 0, "init_std", self.init_std, "a finite number > 0")
         if self.depth_window is not None:
             require(isinstance(self.depth_window, int) and self.depth_window >= 1, "depth_window",
                     self.depth_window, "an integer >= 1 or null (full depth)")

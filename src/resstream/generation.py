@@ -1,5 +1,11 @@
 """Text generation with the decode cache: sampling, batched prompts of different lengths, stop
-sequences, and the `resstream generate` command (streams text as it is produced).
+sequences, and the `resstream generate` command (streams text as it is produced; `resstream
+sample` is the same command under its older name). There is one sampler: this one.
+
+`generate` returns what Hugging Face and nanoGPT users expect, a LongTensor [B, T] of prompt +
+new tokens; rows of different lengths are right-padded with `pad_token_id` (default 0), and
+`return_dict=True` gives the `Generation` record instead (per-row prompts, new tokens, lengths,
+stop flags).
 
 Batched prompts of different lengths use **per-row lengths, no padding**: all rows share one
 cache and one position counter. The common prefix (the shortest prompt's length) is prefilled
@@ -19,7 +25,6 @@ import argparse
 import codecs
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -31,15 +36,30 @@ from resstream.hardware import parse_device, require_dtype_runs
 
 @dataclass
 class Generation:
-    """Result of `generate`: per row, the prompt, the new tokens (a stop sequence that ended the
-    row is included), and whether the row stopped on a stop sequence."""
+    """Result of `generate(..., return_dict=True)`: per row, the prompt, the new tokens (a stop
+    sequence that ended the row is included), and whether the row stopped on a stop sequence."""
 
     prompts: list[list[int]]
     tokens: list[list[int]]
     stopped: list[bool]
+    device: torch.device | None = None  # where `tensor()` puts its result (None: the CPU)
 
     def sequences(self) -> list[list[int]]:
+        """Per row: prompt + new tokens."""
         return [p + t for p, t in zip(self.prompts, self.tokens)]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per row: the number of real tokens (prompt + new) in that row of `tensor()`."""
+        return [len(p) + len(t) for p, t in zip(self.prompts, self.tokens)]
+
+    def tensor(self, pad_token_id: int = 0) -> Tensor:
+        """[B, max(lengths)] LongTensor of prompt + new tokens, right-padded with pad_token_id."""
+        rows = self.sequences()
+        out = torch.full((len(rows), max(self.lengths)), pad_token_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out if self.device is None else out.to(self.device)
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -93,17 +113,20 @@ def _check_prompts(model, rows: list[Tensor], device: torch.device) -> None:
             raise UserError(f"prompt {i} has token ids outside 0..{vocab - 1}")
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, prefill_chunk) -> None:
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, prefill_chunk, pad_token_id=0) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens={max_new_tokens!r} is invalid; allowed: an integer >= 0")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise UserError(f"temperature={temperature!r} is invalid; allowed: a number >= 0 (0 = greedy)")
+    # NaN passes `< 0` and poisons every probability (torch.multinomial then raises)
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise UserError(f"temperature={temperature!r} is invalid; allowed: a finite number >= 0 (0 = greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise UserError(f"top_k={top_k!r} is invalid; allowed: null or an integer >= 1")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise UserError(f"top_p={top_p!r} is invalid; allowed: null or a number in (0, 1]")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
         raise UserError(f"prefill_chunk={prefill_chunk!r} is invalid; allowed: null or an integer >= 1")
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
+        raise UserError(f"pad_token_id={pad_token_id!r} is invalid; allowed: an integer")
 
 
 def _stop_sequences(stop) -> list[tuple[int, ...]]:
@@ -143,7 +166,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 
 # ---------------------------------------------------------------------------------- generate
-def _check_length(model, longest_prompt: int, max_new_tokens: int) -> None:
+def _check_length(model, longest_prompt: int, max_new_tokens: int, crop_context: bool) -> None:
     limit = model.config.max_seq_len
     if model.can_slide:
         return
@@ -151,16 +174,25 @@ def _check_length(model, longest_prompt: int, max_new_tokens: int) -> None:
         raise UserError(f"prompt of {longest_prompt} tokens exceeds max_seq_len={limit} and this model "
                         "has global attention, so it cannot slide; allowed: prompts of at most "
                         f"{limit} tokens")
-    if longest_prompt + max_new_tokens > limit:
+    if longest_prompt + max_new_tokens > limit and not crop_context:
         raise UserError(f"prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                        f"max_seq_len={limit}; allowed: max_new_tokens <= {limit - longest_prompt}")
+                        f"max_seq_len={limit}; allowed: max_new_tokens <= {limit - longest_prompt}, "
+                        "or crop_context=True")
 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
              stop=None, use_cache: bool = True, prefill_chunk: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, crop_context: bool = False,
+             pad_token_id: int = 0, return_dict: bool = False) -> Tensor | Generation:
     """Continue each prompt by up to `max_new_tokens` tokens.
+
+    Returns a LongTensor [B, T] on the model's device: each row is its prompt + new tokens (a
+    [T] prompt gives B = 1), rows shorter than the longest (different prompt lengths, or a row
+    that ended on a stop sequence) right-padded with `pad_token_id` (default 0, which is also a
+    real token id: use the per-row lengths to tell padding from tokens). return_dict=True returns
+    the `Generation` record instead: `.prompts`, `.tokens` (new tokens), `.stopped`,
+    `.lengths` (per row) and `.tensor(pad_token_id)` (the tensor above).
 
     input_ids: a [T] or [B, T] integer tensor, or a list of prompts of different lengths (lists
     of ints or 1-D tensors), on the model's device. stop: bytes / str (UTF-8) / token ids, or a
@@ -168,32 +200,36 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
     full forward at every step (a reference for the cached path). prefill_chunk: feed the common
     prompt prefix in chunks of this many tokens (exact for every mixer; bounds prefill memory).
     on_token(row, token) is called for every new token as soon as it is chosen (streaming).
+    crop_context=True lets a model with global attention generate past max_seq_len, as
+    nanoGPT's sampler does: when the context is full it continues from its last
+    max_seq_len // 2 tokens (re-read into a fresh cache; without the cache, the last
+    max_seq_len tokens at every step). Models that can slide never need it.
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, prefill_chunk)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, prefill_chunk, pad_token_id)
     stops = _stop_sequences(stop)
     device = model.embed.weight.device
     rows = _rows(input_ids, device)
     _check_prompts(model, rows, device)
     lengths = [int(r.numel()) for r in rows]
-    _check_length(model, max(lengths), max_new_tokens)
+    _check_length(model, max(lengths), max_new_tokens, crop_context)
     prompts = [r.tolist() for r in rows]
-    result = Generation(prompts, [[] for _ in rows], [False] * len(rows))
-    if max_new_tokens == 0:
-        return result
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    result = Generation(prompts, [[] for _ in rows], [False] * len(rows), device)
+    if max_new_tokens > 0:
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        _run(model, rows, lengths, max_new_tokens, result, stops, use_cache, prefill_chunk,
+             on_token, lambda logits: sample_next(logits, temperature, top_k, top_p, generator))
+    return result if return_dict else result.tensor(pad_token_id)
 
+
+def _run(model, *loop_args) -> None:
+    """The decode loop in eval mode without autograd (the caller's mode is restored)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache,
-                         prefill_chunk, on_token, lambda logits: sample_next(
-                             logits, temperature, top_k, top_p, generator))
+            _decode_loop(model, *loop_args)
     finally:
         model.train(was_training)
-    return result
 
 
 def _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache, prefill_chunk,
@@ -205,7 +241,9 @@ def _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache,
     for i, row in enumerate(rows):
         tokens[i, :lengths[i]] = row.long()
     in_prompt_until = torch.tensor(lengths, device=device)
-    cache = model.new_cache(batch, total) if use_cache else None
+    # a model that cannot slide never holds more than max_seq_len tokens (crop_context re-reads)
+    cache_len = total if model.can_slide else min(total, model.config.max_seq_len)
+    cache = model.new_cache(batch, cache_len) if use_cache else None
 
     logits = _prefill(model, tokens[:, :shortest], cache, prefill_chunk)
     active = [True] * batch
@@ -225,10 +263,20 @@ def _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache,
                 active[i] = False
         if not any(active):
             return
-        if cache is not None:
-            logits = model(step_tokens[:, None], cache=cache)
-        else:
-            logits = model(tokens[:, :position + 1])
+        logits, cache = _next_logits(model, tokens[:, :position + 1], cache)
+
+
+def _next_logits(model, seen: Tensor, cache):
+    """(logits, cache) after the tokens `seen` [B, t], whose last one is new. A model that
+    cannot slide and has a full context (only reached with crop_context) continues from its last
+    max_seq_len // 2 tokens in a fresh cache, or (no cache) from its last max_seq_len tokens."""
+    limit = model.config.max_seq_len
+    if cache is None:
+        return model(seen if model.can_slide else seen[:, -limit:]), None
+    if cache.length < cache.max_len:
+        return model(seen[:, -1:], cache=cache), cache
+    cache = model.new_cache(cache.batch_size, cache.max_len)
+    return model(seen[:, -max(1, limit // 2):], cache=cache), cache
 
 
 def _prefill(model, prefix: Tensor, cache, chunk: int | None) -> Tensor:
@@ -251,17 +299,25 @@ def _ends_with_stop(generated: list[int], stops: list[tuple[int, ...]]) -> bool:
 
 # ---------------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "generate", help="sample text from a checkpoint, streaming it as it is produced",
-        description="Sample a continuation of --prompt from a saved model (byte-level tokens), "
-                    "printing the text as it is produced.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a saved model directory (config.json + safetensors), or a training "
-                             "run folder / checkpoint folder (its latest checkpoint)")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    """`resstream generate` and its older name `resstream sample`: one parser, one sampler."""
+    for name, extra in (("generate", "."), ("sample", " (the same command as `generate`).")):
+        parser = subparsers.add_parser(
+            name, help="sample text from a saved model, streaming it as it is produced",
+            description="Sample a continuation of --prompt from a saved model (byte-level "
+                        "tokens), printing the text as it is produced" + extra)
+        _add_arguments(parser)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    where = ("a run folder (its newest checkpoint), a checkpoint folder "
+             "(checkpoints/step_NNNNNNNN) or a Hugging Face save folder")
+    parser.add_argument("checkpoint_path", nargs="?", metavar="CHECKPOINT",
+                        help=f"{where} (or give it as --checkpoint)")
+    parser.add_argument("--checkpoint", help=where)
+    parser.add_argument("--prompt", default="", help="the text to continue (default: none)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="0 or unset: no top-k filter")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None,
@@ -273,49 +329,53 @@ def register(subparsers) -> None:
     parser.set_defaults(func=_run_cli)
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A model from a directory saved by `resstream.hf.save_model` / HF `save_pretrained`
-    (config.json + safetensors), or from a training run / checkpoint folder
-    (`resstream.train`: trainer_state.json + model.safetensors; its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; allowed: a saved model "
-                                "directory, a training run folder or one of its checkpoints")
-    if (path / "config.json").is_file():
-        from resstream.hf import load_model
-
-        model = load_model(path, device=device)
-    else:
-        from resstream.train.sampling import load_model_from_checkpoint
-
-        model, _ = load_model_from_checkpoint(path, device=device)
-    return model if dtype is None else model.to(dtype)
+def _checkpoint_argument(args: argparse.Namespace) -> str:
+    given = [p for p in (args.checkpoint_path, args.checkpoint) if p is not None]
+    if len(given) != 1:
+        what = "no checkpoint" if not given else "both CHECKPOINT and --checkpoint"
+        raise UserError(f"{what} given; allowed: exactly one, as CHECKPOINT or --checkpoint")
+    return given[0]
 
 
 def _run_cli(args: argparse.Namespace) -> int:
     from resstream.data.tokenizer import get_tokenizer
+    from resstream.loading import load_for_inference
+    from resstream.smoke import smoke_cap
 
+    path = _checkpoint_argument(args)
     device, dtype = parse_device(args.device), getattr(torch, args.dtype)
     require_dtype_runs(dtype, device, "--dtype")
-    model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    model = load_for_inference(path, device=device, dtype=dtype)
     tokenizer = get_tokenizer("bytes")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the checkpoint's vocab_size={model.config.vocab_size} is smaller than the "
                         f"byte tokenizer's {tokenizer.vocab_size}; allowed: a byte-level model")
-    prompt = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=args.device)
+    # an empty prompt starts from a newline, which is not printed (what `sample` always did)
+    prompt = torch.as_tensor(tokenizer.encode(args.prompt or "\n"), dtype=torch.long, device=device)
+    out, stream, finish = _text_stream()
+    out.write(args.prompt)
+    out.flush()
+    model.generate(prompt, smoke_cap(args.max_new_tokens, 8, "--max-new-tokens"),
+                   args.temperature, args.top_k or None, args.top_p, args.seed, stop=args.stop,
+                   use_cache=not args.no_cache, on_token=stream, crop_context=True)
+    finish()
+    return 0
+
+
+def _text_stream():
+    """(stdout, on_token, finish): bytes decoded incrementally as UTF-8 (invalid bytes show as
+    U+FFFD), written as soon as they form text."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = sys.stdout
 
-    def stream(row: int, token: int) -> None:
+    def on_token(row: int, token: int) -> None:
         text = decoder.decode(bytes([token & 0xFF])) if token < 256 else ""
         if text:
             out.write(text)
             out.flush()
 
-    out.write(args.prompt)
-    out.flush()
-    model.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                   stop=args.stop, use_cache=not args.no_cache, on_token=stream)
-    out.write(decoder.decode(b"", final=True) + "\n")
-    out.flush()
-    return 0
+    def finish() -> None:
+        out.write(decoder.decode(b"", final=True) + "\n")
+        out.flush()
+
+    return out, on_token, finish

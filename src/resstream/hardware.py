@@ -48,17 +48,34 @@ def require_dtype_runs(dtype: torch.dtype, device: torch.device | str, flag: str
                         f"{WORKAROUND}); allowed here: float32")
 
 
-def parse_device(name: str, flag: str = "--device") -> torch.device:
-    """A --device value: "auto" (cuda when available, else cpu) or a torch device string, which
-    must name a device this machine has."""
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+DEVICE_SYNTAX = "auto, cpu, cuda, cuda:N, mps"
+
+
+def parse_device(name: str, flag: str = "--device", must_exist: bool = True) -> torch.device:
+    """A device value, the one parser of every entry point (--device, train.device): "auto"
+    (cuda when available, else cpu) or cpu / cuda / cuda:N / mps. With must_exist=False only the
+    syntax is checked (a config may name a GPU the machine reading it lacks)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(name) if isinstance(name, str) else None
     except RuntimeError:
-        raise UserError(f"{flag}={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N")
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise UserError(f"{flag}={name!r} is not a device; allowed: {DEVICE_SYNTAX}")
+    if must_exist:
+        _require_device_exists(device, name, flag)
+    return device
+
+
+def _require_device_exists(device: torch.device, name: str, flag: str) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{flag}={name} is unavailable (no CUDA device); allowed: auto or cpu")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UserError(f"{flag}={name} is unavailable (this machine has {count} CUDA "
+                            f"device(s)); allowed: cuda:0..cuda:{count - 1}, auto or cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{flag}={name} is unavailable (MPS is not available); allowed: auto or cpu")
-    return device

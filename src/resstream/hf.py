@@ -15,12 +15,16 @@ with the `ResStreamLM` state dict under the prefix `model.` (a tied LM head is n
 
 Decoding inside HF `generate()` uses resstream's own cache (`ModelCache`, wrapped so that
 `generate` can carry it between steps); the cache is preallocated for `max_seq_len` positions.
-HF-style left padding (an `attention_mask` with zeros) is refused: batched prompts of different
-lengths go through `resstream.generation.generate`, which is exact for every operator.
+It travels under the name the installed transformers uses: `cache` (transformers >= 5.x, where
+`past_key_values` is deprecated) or `past_key_values` (older releases); `forward` takes either.
+HF-style left padding (an `attention_mask` with zeros) is refused, since the model has no
+padding mask: batched prompts of different lengths go through `ResStreamLM.generate`, which uses
+per-row lengths and is exact for every operator.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +126,7 @@ class ResStreamHFCache:
 
     is_compileable = False
     is_croppable = False
+    is_linear = (False,)  # not a linear-attention state: generate slices inputs by get_seq_length
 
     def __init__(self, cache):
         self.cache = cache
@@ -133,12 +138,30 @@ class ResStreamHFCache:
         return self.cache.nbytes()
 
 
+def _cache_name(transformers) -> str:
+    """The keyword HF `generate()` carries caches under: `cache` since transformers 5.x renamed
+    it (the old names then warn that they are deprecated), `past_key_values` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def check_attention_mask(attention_mask) -> None:
+    """Only masks without padding are allowed: the model has no padding mask (see module doc)."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise UserError("attention_mask has zeros (padding), which ResStreamForCausalLM does not "
+                        "support; allowed: no attention_mask or an all-ones one (for prompts of "
+                        "different lengths use ResStreamLM.generate, which needs no padding)")
+
+
 def _build_classes() -> dict[str, type]:
     if _CLASSES:
         return _CLASSES
     transformers = _require_transformers()
     from transformers import GenerationMixin, PreTrainedModel
     from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    cache_name = _cache_name(transformers)
 
     base_config = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 
@@ -199,38 +222,51 @@ def _build_classes() -> dict[str, type]:
         def get_output_embeddings(self):
             return self.model.lm_head
 
-        def forward(self, input_ids=None, attention_mask=None, past_key_values=None,
-                    use_cache=None, labels=None, return_dict=None, inputs_embeds=None, **kwargs):
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None,
+                    labels=None, return_dict=None, inputs_embeds=None, **kwargs):
+            """Logits (and the shifted LM loss with `labels`); `cache` continues decoding
+            (`past_key_values`, its older name, is accepted too)."""
             if input_ids is None:
                 raise UserError("ResStreamForCausalLM needs input_ids (inputs_embeds is not supported)")
-            if attention_mask is not None and not bool(attention_mask.bool().all()):
-                raise UserError("attention_mask has padding; allowed: unpadded batches (for prompts of "
-                                "different lengths use resstream.generation.generate)")
+            check_attention_mask(attention_mask)
+            cache = _legacy_cache(cache, kwargs)
             if use_cache is None:
                 use_cache = self.config.use_cache if hasattr(self.config, "use_cache") else False
-            cache = past_key_values
             if cache is None and use_cache:
                 cache = ResStreamHFCache(self.model.new_cache(input_ids.shape[0]))
             if cache is not None and not isinstance(cache, ResStreamHFCache):
-                raise UserError(f"past_key_values must come from this model; got {type(cache).__name__}")
+                raise UserError(f"cache must come from this model; got {type(cache).__name__}")
             logits = self.model(input_ids, cache=None if cache is None else cache.cache)
             loss = None
             if labels is not None:
                 loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                     labels[:, 1:].reshape(-1), ignore_index=-100)
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **{cache_name: cache})
 
-        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                          use_cache=True, **kwargs):
-            if past_key_values is not None:
-                input_ids = input_ids[:, past_key_values.get_seq_length():]
-            return {"input_ids": input_ids, "past_key_values": past_key_values,
-                    "attention_mask": attention_mask, "use_cache": use_cache}
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True,
+                                          **kwargs):
+            """Only the tokens the cache has not seen, under transformers' cache keyword."""
+            cache = kwargs.get(cache_name)
+            if cache is not None:
+                input_ids = input_ids[:, cache.get_seq_length():]
+            return {"input_ids": input_ids, cache_name: cache, "attention_mask": attention_mask,
+                    "use_cache": use_cache}
 
         def _reorder_cache(self, past_key_values, beam_idx):
             raise UserError("beam search is not supported by ResStreamForCausalLM; allowed: greedy "
                             "or sampling (num_beams=1)")
+
+    def _legacy_cache(cache, kwargs: dict):
+        """`cache`, or the `past_key_values` of older callers (warned about where transformers
+        itself has renamed it)."""
+        legacy = kwargs.pop("past_key_values", None)
+        if legacy is None or cache is not None:
+            return cache
+        if cache_name == "cache":
+            warnings.warn("ResStreamForCausalLM.forward: past_key_values is deprecated; use cache",
+                          FutureWarning, stacklevel=3)
+        return legacy
 
     _CLASSES.update(ResStreamConfig=ResStreamConfig, ResStreamForCausalLM=ResStreamForCausalLM)
     return _CLASSES

@@ -66,8 +66,8 @@ class Attention(nn.Module):
         mask = None
         if entry is not None:
             k, v = entry.update(k, v, ctx.offset)
-        if ctx.key_padding_mask is not None or (entry is not None and ctx.offset > 0 and n_new > 1):
-            mask = self._mask(n_new, k.shape[2], ctx.key_padding_mask, q.device)
+        if entry is not None and ctx.offset > 0 and n_new > 1:  # a chunk after cached tokens
+            mask = self._mask(n_new, k.shape[2], q.device)
         is_causal = mask is None and n_new > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
@@ -75,15 +75,11 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
 
     @staticmethod
-    def _mask(n_queries: int, n_keys: int, key_padding_mask: Tensor | None, device) -> Tensor:
-        """End-aligned causal mask, optionally without padded keys (each query keeps itself so
-        that padded rows never become all -inf)."""
+    def _mask(n_queries: int, n_keys: int, device) -> Tensor:
+        """End-aligned causal mask: the queries are the last `n_queries` of `n_keys` positions."""
         q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
         k_pos = torch.arange(n_keys, device=device)[None, :]
-        mask = k_pos <= q_pos
-        if key_padding_mask is not None:
-            mask = (mask & key_padding_mask[:, None, None, :n_keys]) | (k_pos == q_pos)
-        return mask
+        return k_pos <= q_pos
 
     def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
@@ -125,6 +121,28 @@ class Block(nn.Module):
     def sublayers(self) -> list[nn.Module]:
         return [getattr(self, kind) for kind in self.site_kinds]
 
+    def mixer_slots(self) -> dict[str, nn.Module]:
+        """The local-mixer modules of this block by slot (mixers/base.py SLOTS), filled ones only."""
+        attn = getattr(self, "attn", None)  # absent when a mixer replaces global attention
+        modules = {"block": getattr(self, "mix", None),
+                   "attn_input": None if attn is None else attn.input_mixer,
+                   "qkv": None if attn is None else attn.qkv_mixer,
+                   "mlp_input": self.mlp.input_mixer, "mlp_hidden": self.mlp.hidden_mixer}
+        return {slot: module for slot, module in modules.items() if module is not None}
+
+
+def _check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding: out-of-range ids otherwise fail deep inside
+    nn.Embedding (IndexError on CPU, a device-side assert on CUDA). One reduction, one sync."""
+    if input_ids.dtype not in (torch.long, torch.int32):  # what nn.Embedding takes
+        raise UserError(f"input_ids have dtype {input_ids.dtype}; allowed: torch.long or "
+                        "torch.int32 token ids")
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise UserError(f"input_ids holds token id {bad}, outside the vocabulary; allowed: "
+                        f"0..{vocab_size - 1} (vocab_size={vocab_size})")
+
 
 class ResStreamLM(nn.Module):
     """Decoder-only language model; `model(input_ids)` returns logits [B, T, vocab]."""
@@ -158,15 +176,14 @@ class ResStreamLM(nn.Module):
         self.can_slide = not any(isinstance(m, Attention) for m in self.modules())
 
     # ---------------------------------------------------------------- forward
-    def context(self, n_tokens: int, cache: ModelCache | None, key_padding_mask: Tensor | None,
-                device) -> ForwardContext:
+    def context(self, n_tokens: int, cache: ModelCache | None, device) -> ForwardContext:
         offset = 0 if cache is None else cache.length
         if offset + n_tokens > self.config.max_seq_len and not self.can_slide:
             raise UserError(f"sequence length {offset + n_tokens} exceeds max_seq_len="
                             f"{self.config.max_seq_len}; allowed: at most max_seq_len tokens "
                             "(this model has global attention and cannot slide past it)")
         positions = torch.arange(offset, offset + n_tokens, device=device)
-        return ForwardContext(positions, cache, key_padding_mask)
+        return ForwardContext(positions, cache)
 
     def hidden_states(self, input_ids: Tensor, ctx: ForwardContext) -> Tensor:
         """The depth operator's final stream (before the final norm), [B, T, d]."""
@@ -177,16 +194,20 @@ class ResStreamLM(nn.Module):
                 state = self.depth.write(state, site, sublayer(x, ctx), ctx)
         return self.depth.finalize(state, ctx)
 
-    def forward(self, input_ids: Tensor, cache: ModelCache | None = None,
-                key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: ModelCache | None = None) -> Tensor:
+        """Logits [B, T, vocab] of `input_ids` [B, T], continuing `cache` if given. There is no
+        padding mask: every row is real tokens (batched prompts of different lengths go through
+        `generate`, which uses per-row lengths instead of padding)."""
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, tokens]; got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise UserError("input_ids has 0 tokens; allowed: at least 1")
+        if not torch.compiler.is_compiling():  # a data-dependent check cannot be traced
+            _check_token_ids(input_ids, self.config.vocab_size)
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise UserError(f"input_ids has batch {input_ids.shape[0]} but the cache was made for "
                             f"batch_size={cache.batch_size}; allowed: the cache's batch size")
-        ctx = self.context(input_ids.shape[1], cache, key_padding_mask, input_ids.device)
+        ctx = self.context(input_ids.shape[1], cache, input_ids.device)
         hidden = self.hidden_states(input_ids, ctx)
         logits = self.lm_head(self.norm(hidden))
         if cache is not None:
@@ -211,13 +232,65 @@ class ResStreamLM(nn.Module):
 
     def generate(self, input_ids, max_new_tokens: int, *args, **kwargs):
         """generate(input_ids, max_new_tokens, temperature, top_k, top_p, seed, *, stop, ...):
-        sample continuations with the decode cache; see `resstream.generation.generate`."""
+        sample continuations with the decode cache. Returns a LongTensor [B, T] of prompt + new
+        tokens, rows right-padded with `pad_token_id` (default 0); `return_dict=True` gives the
+        `Generation` record (per-row tokens, lengths, stop flags). See
+        `resstream.generation.generate`, imported here so that generation never imports the
+        model module at import time."""
         from resstream.generation import generate
 
         return generate(self, input_ids, max_new_tokens, *args, **kwargs)
 
+    def depth_routing(self, input_ids: Tensor) -> dict:
+        """The depth operator's routing weights on `input_ids` [B, T] (T >= 2: a one-token
+        step takes the decode path, which does not record), averaged over the batch and
+        positions: a dict with a "kind" ("none", "depth_attention", "depth_weights",
+        "ddl_beta", "stream_mixing") whose shapes and labels `resstream.routing` documents."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+            raise UserError(f"input_ids must be [batch, tokens] with at least 2 tokens; got "
+                            f"shape {tuple(input_ids.shape)}")
+        with torch.no_grad(), self.depth.recording_routing() as recorder:
+            self(input_ids)
+        return self.depth.routing_result(recorder)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # ---------------------------------------------------------------- weight decay by role
+    def no_weight_decay_names(self) -> set[str]:
+        """Full names (as `named_parameters()` gives them) of the parameters that take no
+        weight decay: every parameter with fewer than 2 dimensions (norm gains, biases, scalars,
+        1-D mixing weights), what the depth operator declares (`DepthOperator.no_weight_decay`:
+        by default all of its parameters, which are identity- or constant-initialised mixing
+        coefficients, gates and queries) and what the local mixer declares for each of its slot
+        modules (`LocalMixer.no_weight_decay`). Everything else -- embedding (tied LM head),
+        attention and MLP matrices, a mixer's or depth_swa's attention projections -- is decayed."""
+        names = {name for name, p in self.named_parameters() if p.dim() < 2}
+        names |= {f"depth.{name}" for name in self.depth.no_weight_decay()}
+        mixer = self.config.local_mixer_cls
+        if mixer is not None:
+            prefixes = {id(module): name for name, module in self.named_modules()}
+            for block in self.blocks:
+                for slot, module in block.mixer_slots().items():
+                    prefix = prefixes[id(module)]
+                    names |= {f"{prefix}.{name}" for name in
+                              mixer.no_weight_decay(self.config.mixer_opts, slot, module)}
+        known = {name for name, _ in self.named_parameters()}
+        unknown = sorted(names - known)
+        if unknown:
+            raise RuntimeError(f"no_weight_decay names no parameter: {', '.join(unknown)}")
+        return names
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW parameter groups, [decayed (weight_decay), not decayed (0.0)], each holding
+        the trainable parameters in order of their names (see `no_weight_decay_names`)."""
+        exempt = self.no_weight_decay_names()
+        decay, no_decay = [], []
+        for name, param in sorted(self.named_parameters(), key=lambda item: item[0]):
+            if param.requires_grad:
+                (no_decay if name in exempt else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
 
     @classmethod
     def from_hf_llama(cls, hf_model) -> "ResStreamLM":

@@ -10,7 +10,9 @@ aggregates, static or dynamic, its paper). The numbers are measured on built mod
   * cross-token decode state: values per sequence held by the cache entries that belong to the
     operator (or mixer), read from a fresh `new_cache(1)`;
   * pipeline payload: `pipeline_payload(l)` (formula and value, in d-vectors per token) at the
-    middle stage boundary, after block n_layers // 2 - 1, against 1 for `standard`.
+    middle stage boundary, after block n_layers // 2 - 1, against 1 for `standard`;
+  * training FLOPs per token at seq_len = max_seq_len (`resstream.flops`: 6 x forward
+    multiply-adds, the depth operator's and mixer's own cost as each declares it).
 Operators run with their default options (override with `--option NAME.KEY=VALUE`);
 `--depth-window` is given only to operators that use one.
 """
@@ -25,6 +27,7 @@ import torch
 from resstream.bench.timing import format_table
 from resstream.config import ModelConfig
 from resstream.errors import UserError
+from resstream.flops import training_flops_per_token
 from resstream.registry import DEPTH_OPERATORS, LOCAL_MIXERS
 
 METADATA = ("aggregates", "mixing", "granularity", "starts_at_baseline", "paper")
@@ -133,6 +136,7 @@ def operator_row(base: ModelConfig, name: str, options: dict, depth_window: int 
         "pipeline_boundary": boundary,
         "pipeline_formula": formula,
         "pipeline_vectors": payload,
+        "train_flops_per_token": training_flops_per_token(config, base.max_seq_len),
     })
     return row
 
@@ -142,7 +146,8 @@ def mixer_row(base: ModelConfig, name: str, options: dict, baseline_params: int)
     row: dict[str, Any] = {"mixer": name, "options": options, "paper": cls.paper,
                            "decode_state": cls.decode_state}
     try:
-        model = build_model(base.replace(local_mixer=name, mixer_options=dict(options)))
+        config = base.replace(local_mixer=name, mixer_options=dict(options))
+        model = build_model(config)
     except UserError as error:
         row["error"] = str(error)
         return row
@@ -151,6 +156,7 @@ def mixer_row(base: ModelConfig, name: str, options: dict, baseline_params: int)
         "params": count_parameters(model),
         "params_added": count_parameters(model) - baseline_params,
         "decode_state_values": mixer_cache_values(model),
+        "train_flops_per_token": training_flops_per_token(config, base.max_seq_len),
     })
     return row
 
@@ -172,12 +178,18 @@ def build_table(base: ModelConfig, option_overrides: dict[str, dict] | None = No
               for name in LOCAL_MIXERS.names()]
     shape = {k: getattr(base, k) for k in ("d_model", "n_layers", "n_heads", "kv_heads", "ffn_hidden",
                                            "vocab_size", "max_seq_len", "local_window")}
-    return {"config": {**shape, "depth_window": depth_window, "standard_params": baseline_params},
+    return {"config": {**shape, "depth_window": depth_window, "standard_params": baseline_params,
+                       "standard_train_flops_per_token": training_flops_per_token(base, base.max_seq_len)},
             "operators": operators, "mixers": mixers}
 
 
 def _options_text(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def _flops_text(row: dict, config: dict) -> str:
+    flops, standard = row["train_flops_per_token"], config["standard_train_flops_per_token"]
+    return f"{flops / 1e6:.2f}M ({flops / standard:.3f}x)"
 
 
 def _formula_text(formula: str, value) -> str:
@@ -192,32 +204,33 @@ def to_markdown(table: dict[str, Any]) -> str:
              f"parameters; pipeline boundary after block {config['n_layers'] // 2 - 1}):", ""]
     headers = ["operator", "options", "aggregates", "mixing", "granularity", "starts at baseline",
                "params added", "depth state / token", "cross-token decode state",
-               "PP payload (d-vectors)", "PP vs standard"]
+               "PP payload (d-vectors)", "PP vs standard", "train FLOPs/token (vs standard)"]
     rows = []
     for r in table["operators"]:
         if "error" in r:
             rows.append([r["operator"], _options_text(r["options"]), r["aggregates"], r["mixing"],
-                         r["granularity"], "", f"n/a: {r['error']}", "", "", "", ""])
+                         r["granularity"], "", f"n/a: {r['error']}", "", "", "", "", ""])
             continue
         cross = (f"yes: {r['cross_token_cache_values']:,} values/seq" if r["cross_token_state"] else "no")
         rows.append([r["operator"], _options_text(r["options"]), r["aggregates"], r["mixing"],
                      r["granularity"], "yes" if r["starts_at_baseline"] else "no",
                      f"{r['params_added']:,}", f"{r['depth_state_vectors']} x d = {r['depth_state_values']:,}",
                      cross, _formula_text(r["pipeline_formula"], r["pipeline_vectors"]),
-                     f"{r['pipeline_vectors']:g}x"])
+                     f"{r['pipeline_vectors']:g}x", _flops_text(r, config)])
     lines.append(format_table(headers, rows))
     lines += ["", "Sequence-axis local mixers:", ""]
     mixer_rows = []
     for r in table["mixers"]:
         if "error" in r:
             mixer_rows.append([r["mixer"], _options_text(r["options"]), "", f"n/a: {r['error']}", "", "",
-                               r["paper"]])
+                               "", r["paper"]])
             continue
         mixer_rows.append([r["mixer"], _options_text(r["options"]), ", ".join(r["slots"]),
                            f"{r['params_added']:,}",
-                           f"{r['decode_state_values']:,} values/seq", r["decode_state"], r["paper"]])
+                           f"{r['decode_state_values']:,} values/seq", r["decode_state"],
+                           _flops_text(r, config), r["paper"]])
     lines.append(format_table(["mixer", "options", "slots", "params added", "decode state (measured)",
-                               "decode state", "paper"], mixer_rows))
+                               "decode state", "train FLOPs/token (vs standard)", "paper"], mixer_rows))
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ and the sequence-axis mixer are chosen on top of it (`--model.depth=ddl`,
 | preset | use |
 |---|---|
 | tiny  | unit tests: trains in milliseconds per step |
-| small | the `resstream demo` comparison on a 2-core CPU (about 15 minutes for four variants) |
+| small | the shipped studies (`resstream compare demo`: 4 variants x 3 seeds in about 15 minutes on 2 CPU cores) |
 | base  | a GPU-sized character model, the shape of nanoGPT's Shakespeare recipe (6 x 384) |
 """
 from __future__ import annotations

@@ -26,3 +26,15 @@ def smoke_cap(value, limit, what: str):
         return value
     print(f"smoke mode ({SMOKE_ENV}): {what} capped at {limit}", file=sys.stderr)
     return limit
+
+
+def smoke_args(args, what: str, **values) -> None:
+    """In smoke mode, set the given attributes of a parsed-arguments namespace (e.g. a
+    benchmark's `quick=True`) and announce it once on stderr; else leave `args` alone."""
+    if not smoke_mode():
+        return
+    for name, value in values.items():
+        setattr(args, name, value)
+    settings = ", ".join(f"--{name.replace('_', '-')}" if value is True else f"{name}={value}"
+                         for name, value in values.items())
+    print(f"smoke mode ({SMOKE_ENV}): {what} runs with {settings}", file=sys.stderr)

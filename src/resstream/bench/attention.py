@@ -29,8 +29,8 @@ gives the 1-min load average: on a 2-core machine where another process keeps on
 forward output is compared with chunked's ("max |diff|"), so the table also shows they compute
 the same function.
 
-Goals (issue): at the largest N, chunked forward+backward >= 8x faster than full causal SDPA and
->= 2x faster than `local-attention`.
+Goals (docs/design.md, decision 8): at the largest N, chunked forward+backward >= 8x faster
+than full causal SDPA and >= 2x faster than `local-attention`.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from resstream.errors import UserError
 from resstream.hardware import parse_device
 from resstream.ops import local_attention, local_attention_mask
 from resstream.ops.local_attention import _flex_available
+from resstream.smoke import smoke_args
 
 SIZES = (1024, 4096, 16384)
 QUICK_SIZES = (64, 200)
@@ -242,6 +243,7 @@ def _positive(args, *names: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    smoke_args(args, "bench attention", quick=True, no_flex=True)  # RESSTREAM_SMOKE: seconds
     if args.quick:
         sizes, args.window, args.heads, args.head_dim, args.repeats = list(QUICK_SIZES), 16, 2, 8, 2
     else:

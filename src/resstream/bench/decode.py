@@ -43,8 +43,8 @@ What is measured, per context length c (capped at max_seq_len - 1):
     and its 95% interval). The table's rows come from one loop per context, each beside the
     other configurations' caches of that context (up to 512 MiB each), so a ratio of two rows
     also compares two phases of the run; the growth goal uses this measurement instead.
-Goals (issue): shortswa_only's per-token latency grows <= 10% from 1024 to 16384 while the
-baseline's grows; cached decoding >= 20x faster than recomputing at 1024 (baseline); depth
+Goals (docs/design.md, decision 8): shortswa_only's per-token latency grows <= 10% from 1024
+to 16384 while the baseline's grows; cached decoding >= 20x faster than recomputing at 1024 (baseline); depth
 operators <= 15% over the baseline at 1024 (block_attnres <= 5%).
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ from resstream.bench.timing import format_table, paired_ratio, print_result, set
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.hardware import parse_device, require_dtype_runs
+from resstream.smoke import smoke_args
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -416,6 +417,7 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    smoke_args(args, "bench decode", quick=True)  # RESSTREAM_SMOKE: seconds
     if args.quick:
         shape = dict(d_model=32, n_layers=2, n_heads=2, local_window=8, max_seq_len=64)
         contexts, repeats, steps = [16, 48], 2, 1

@@ -41,6 +41,7 @@ from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.hardware import parse_device
 from resstream.registry import DEPTH_OPERATORS
+from resstream.smoke import smoke_args
 
 # operator -> options of the benchmarked variant
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,7 +49,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hyper": {"streams": 4},
     "ddl": {"value_dim": 1},
 }
-# operator -> the step-time ratio the variant above should stay within (issue goals)
+# operator -> the step-time ratio the variant above should stay within (docs/design.md, decision 8)
 GOALS: dict[str, float] = {"block_attnres": 1.10, "ddl": 1.10, "denseformer": 1.10,
                            "attnres": 1.25, "mudd": 1.25, "hyper": 1.30}
 
@@ -271,6 +272,7 @@ def choose_operators(requested: str | None, quick: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    smoke_args(args, "bench operators", quick=True)  # RESSTREAM_SMOKE: seconds
     if args.quick:
         shape = dict(d_model=32, n_layers=2, n_heads=2, seq_len=16, batch_size=2, repeats=2)
     else:

@@ -77,6 +77,7 @@ from resstream.depth.base import (DecodeWorkspace, DepthOperator, compute_dtype,
                                   decode_workspace, is_decode_step)
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import depth_attention_result, site_label
 
 CHUNK = 4  # the minimum number of reads per phase
 
@@ -339,6 +340,8 @@ class PseudoQueryReads(DepthOperator):
     def _attend(self, state: AttnResState, key: str) -> Tensor:
         """softmax_i(w^T RMSNorm(v_i)) v_i over the sources (and the partial sum when
         `partial_is_source`), in the stream's dtype."""
+        if self._routing is not None:
+            self._record_read(state, key)
         sources = state.sources
         partial = state.partial if self.partial_is_source else None
         column = self.column[key]
@@ -363,6 +366,35 @@ class PseudoQueryReads(DepthOperator):
         if state.total is not None:
             state.total = state.total + out
         return state
+
+    # ---------------------------------------------------------------- routing weights
+    def _record_read(self, state: AttnResState, key: str) -> None:
+        """The read's softmax weights [B, T, m] over its sources, from the logits the sources
+        carry (and the partial sum's, computed here as SoftmaxMerge does): PhaseMix and
+        SoftmaxMerge only ever see them split across the two phases."""
+        sources, column = state.sources, self.column[key]
+        dtype = compute_dtype(sources.dtype)
+        logits = [z[..., column].to(dtype) for _, z in sources.settled + sources.recent]
+        if self.partial_is_source and state.partial is not None:
+            partial = state.partial.to(dtype)
+            inv_rms = torch.rsqrt(partial.square().mean(-1) + self.eps)
+            logits.append((partial @ sources.queries[column].to(dtype)) * inv_rms)
+        labels = [self._source_label(i) for i in range(len(logits))]
+        reader = "final" if key == "final" else site_label(self.sites[int(key)])
+        self._routing.add_weights(reader, labels, torch.softmax(torch.stack(logits, -1), -1))
+
+    def _source_label(self, i: int) -> str:
+        """Source i: the embedding, then sublayer outputs (block_size 1) or block sums "B{i}"
+        (sublayers (i-1) S .. i S - 1; the running partial sum is labelled as the block it
+        becomes)."""
+        if i == 0:
+            return "emb"
+        return site_label(self.sites[i - 1]) if self.block_size == 1 else f"B{i}"
+
+    def routing_result(self, recorder) -> dict:
+        """depth_attention over the reads with a pseudo-query (a read seeing only the embedding
+        has weight 1 and no parameters, and is left out)."""
+        return depth_attention_result(recorder, normalised=True)
 
     # ---------------------------------------------------------------- accounting
     def _sources_after(self, n_sites: int) -> int:
@@ -510,6 +542,27 @@ class BlockAttnResBase(PseudoQueryReads):
             return "embedding + every sublayer output so far (s+1)", self._sources_after(n_sites)
         return ("embedding + completed blocks + partial (floor((s-1)/S)+2)",
                 self._sources_after(n_sites))
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per read with a pseudo-query over m sources: the logits w . RMSNorm(v_i) and the
+        softmax mix, 2 m d; the key RMS of each source, d, once per completed source (embedding
+        and block sums) and once per read for the running partial it sees. Reads of a single
+        source or of an inactive block (the plain sum) are free. (The implementation scores
+        each source against every query at once; counted here as the equations.)"""
+        if not self.column:
+            return 0
+        d, n_sites = self.d_model, len(self.sites)
+        total = d * -(-n_sites // self.block_size)  # completed sources: a boundary every S sublayers
+        for key in self.column:
+            index = n_sites if key == "final" else int(key)
+            partial_seen = index == n_sites or index % self.block_size != 0
+            total += 2 * self.sources_seen(index) * d + (d if partial_seen else 0)
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them (paper section 5: zero-initialised pseudo-queries, unit key-norm weights):
+        the pseudo-queries w_l and key-norm gains g_l (1-D) define the depth mixing weights."""
+        return {name for name, _ in self.named_parameters()}
 
 
 @register_depth_operator("attnres")

@@ -21,6 +21,7 @@ behaves as standard addition (operators decide what that means for their state a
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -29,6 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from resstream.options import NoOptions
+from resstream.routing import RoutingRecorder
 
 SITE_KINDS = ("mix", "attn", "mlp")
 
@@ -200,6 +202,26 @@ class DepthOperator(nn.Module):
     def finalize(self, state: Any, ctx) -> Tensor:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- routing weights
+    # A RoutingRecorder while `recording_routing()` is on. Operators with routing record the
+    # weights their general (training/prefill) path computes behind one `if self._routing is
+    # not None` check, recomputed from the same logits where the fused kernels hide them.
+    _routing: RoutingRecorder | None = None
+
+    @contextlib.contextmanager
+    def recording_routing(self):
+        """`with op.recording_routing() as recorder: model(ids)`; then `routing_result(recorder)`.
+        Decode steps (one token, no grad) take fast paths that do not record."""
+        self._routing = RoutingRecorder()
+        try:
+            yield self._routing
+        finally:
+            self._routing = None
+
+    def routing_result(self, recorder: RoutingRecorder) -> dict:
+        """The recorded routing weights as a dict (formats: resstream.routing); "none" here."""
+        return {"kind": "none"}
+
     # ---------------------------------------------------------------- systems accounting
     def depth_state_vectors(self) -> int:
         """Peak number of d-vectors per token alive across depth inside one forward."""
@@ -215,3 +237,31 @@ class DepthOperator(nn.Module):
         """(formula, value): d-vectors per token that must cross a pipeline-stage boundary
         placed after block `layer` (0-based)."""
         return "1", 1
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Forward multiply-adds (MACs) per token of the depth mixing itself, for the whole model:
+        everything this operator computes beyond the baseline's sublayers, pre-norms and
+        residual additions (those belong to the model and are counted in resstream.flops).
+
+        Conventions (shared by every operator, see resstream.flops): a weighted sum of m vectors
+        of width d costs m d MACs, a [a x b] matrix-vector product a b; plain additions of
+        vectors (residual adds, running sums) are free, as in `standard`; an RMSNorm the
+        operator adds costs 2 MACs per element (sum of squares and rescale: depth mixing is
+        mostly such vector passes, so they are counted); softmax, exp, sigmoid, tanh and other
+        pointwise functions are free. Counted from the equations, not from how the
+        implementation schedules them. `seq_len` matters only to operators that mix tokens.
+
+        Every operator must declare it: a registry-parametrised test fails on this default."""
+        raise NotImplementedError(f"depth operator {self.name!r} does not declare forward_macs_per_token")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this operator) of its parameters that take no weight decay.
+
+        Default: all of them. A depth operator's parameters are its residual path -- mixing
+        coefficients, gates, pseudo-queries, stream matrices, priors, almost all initialised at
+        an identity, a one-hot or a constant so that the model starts at (or near) the standard
+        residual -- and weight decay would pull them toward zero, away from that start.
+        Operators with ordinary content matrices (depth_swa's attention projections, DDL's
+        value heads) override this and let those be decayed like attention weights. 1-D
+        parameters are never decayed whatever this returns (ResStreamLM.parameter_groups)."""
+        return {name for name, _ in self.named_parameters()}

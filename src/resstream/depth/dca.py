@@ -2,7 +2,7 @@
 
 Paper: "DeepCrossAttention: Supercharging Transformer Residual Connections", Mike Heddes, Adel
 Javanmard, Kyriakos Axiotis, Gang Fu, MohammadHossein Bateni, Vahab Mirrokni (ICML 2025,
-arXiv 2502.06785). No official code; the equations below follow the spec (§4), which rests on
+arXiv 2502.06785). No official code; the equations below (docs/design.md, decision 7) rest on
 extractions of the paper cross-checked with the unofficial lucidrains/deep-cross-attention port.
 
 Stack before block t (0-based t; f_i = delta of block i-1, i.e. its output minus its input):
@@ -40,9 +40,10 @@ are separate entries,
 
     G_t = [x_0 + sum_{i <= t-k} f_i,  f_{t-k+1}, ..., f_t]     (at most k+1 entries)
 
-which preserves the ResNet identity G_t 1 = standard residual (the spec's analysis reading of
-"intermediate outputs are combined by plain ResNet addition"). Note: the lucidrains port keeps
-the first k and last k entries and *drops* the middle ones, which breaks that identity.
+which preserves the ResNet identity G_t 1 = standard residual (our reading of "intermediate
+outputs are combined by plain ResNet addition"; docs/design.md, decision 7). Note: the
+lucidrains port keeps the first k and last k entries and *drops* the middle ones, which breaks
+that identity.
 
 Other choices:
 - `gate_norm=False` (default, the paper's formula as extracted): the ReLU gate reads G_i as is;
@@ -67,6 +68,7 @@ from resstream.depth.base import DepthOperator, QKVViews, add_to_stream_and_view
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import depth_attention_result
 
 GRN_VERSIONS = ("v1", "v2", "v3", "dca")
 
@@ -93,6 +95,18 @@ class GRN(nn.Module):
             gates = F.relu(torch.einsum("btnd,cd->btcn", gate_input, self.w.to(stack.dtype)))
             out = out + torch.matmul(gates, stack)  # [B,T,c,n] @ [B,T,n,d]
         return out
+
+    def entry_weights(self, stack: Tensor) -> Tensor:
+        """[B, T, streams, n]: the weight of each entry of G [B, T, n, d] in each read, averaged
+        over dimensions: b_i (v1), mean_k b_ik (v2), mean_k b_ik + ReLU(w . G_i) (v3)."""
+        b = self.b.to(stack.dtype)
+        b = b if self.version == "v1" else b.mean(-1)
+        weights = b.expand(*stack.shape[:2], *b.shape)
+        if self.w is not None:
+            gate_input = stack if self.gate_norm is None else self.gate_norm(stack)
+            weights = weights + F.relu(torch.einsum("btnd,cd->btcn", gate_input,
+                                                    self.w.to(stack.dtype)))
+        return weights
 
 
 @dataclass
@@ -175,7 +189,10 @@ class DeepCrossAttention(DepthOperator):
         if not self.is_active(layer):
             state.stream = state.plain_sum()
             return
-        reads = self.grns[str(layer)](torch.stack(state.entries(), dim=2))  # [B, T, streams, d]
+        stack = torch.stack(state.entries(), dim=2)
+        if self._routing is not None:
+            self._record_grn(self.grns[str(layer)], stack, f"L{layer}", layer)
+        reads = self.grns[str(layer)](stack)  # [B, T, streams, d]
         state.stream = reads[:, :, 0] if self.streams == 3 else reads.squeeze(2)
         if self.streams == 3:
             state.views = reads
@@ -195,7 +212,27 @@ class DeepCrossAttention(DepthOperator):
     def finalize(self, state, ctx):
         if not self.final_active:
             return state.plain_sum()
-        return self.final_grn(torch.stack(state.entries(), dim=2)).squeeze(2)
+        stack = torch.stack(state.entries(), dim=2)
+        if self._routing is not None:
+            self._record_grn(self.final_grn, stack, "final", self.n_layers)
+        return self.final_grn(stack).squeeze(2)
+
+    # ---------------------------------------------------------------- routing weights
+    def _record_grn(self, grn: "GRN", stack: Tensor, reader: str, t: int) -> None:
+        """The read's per-token entry weights [B, T, streams, n] (`GRN.entry_weights`) over the
+        stack [head, f_{t-k+1}, ..., f_t]: the head is "emb" ("emb+old" once k-DCA has folded
+        old deltas into it), f_j the delta of block "L{j}"."""
+        n_tail = stack.shape[2] - 1
+        head = "emb" if n_tail == t else "emb+old"
+        labels = [head] + [f"L{j}" for j in range(t - n_tail, t)]
+        ways = ["Q", "K", "V"] if grn.b.shape[0] == 3 else None
+        self._routing.add_weights(reader, labels, grn.entry_weights(stack), ways)
+
+    def routing_result(self, recorder) -> dict:
+        """depth_attention: each GRN read's weight per stack entry, averaged over tokens,
+        dimensions and (dca) the Q, K, V reads (per read in per_head). Unnormalised: at init
+        every weight is 1 (the standard residual)."""
+        return depth_attention_result(recorder, normalised=False, static=self.mixing == "static")
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
@@ -207,3 +244,23 @@ class DeepCrossAttention(DepthOperator):
             return "1 (the plain sum; no GRN read follows)", 1
         n = self._n_entries(layer + 1)
         return ("l+2 stack entries" if self.options.k is None else "min(k, l+1)+1 stack entries"), n
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per GRN read of a stack of n entries, c streams (3 for "dca", else 1): v1 and v2 the
+        weighted sum, c n d; v3 also the gate logits w . G_i and the gated sum, 3 c n d
+        (+ 2 n d for gate_norm). Blocks fed three views normalise two more inputs, 2 x 2d.
+        The final GRN has c = 1. k-DCA's folding of old deltas is a plain addition (free)."""
+        d, total = self.d_model, 0
+        grns = [*self.grns.values()] + ([self.final_grn] if self.final_active else [])
+        for grn in grns:
+            streams, n = grn.b.shape[0], grn.b.shape[1]
+            total += (3 if grn.w is not None else 1) * streams * n * d
+            if grn.w is not None and grn.gate_norm is not None:
+                total += 2 * n * d
+        views = sum(1 for grn in self.grns.values() if grn.b.shape[0] == 3)
+        return total + views * 2 * 2 * d
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: the GRN biases b (init 1, the ResNet sum) and gate weights w (init 0) are
+        mixing coefficients; decay would pull b = 1 toward 0, away from the standard residual."""
+        return {name for name, _ in self.named_parameters()}

@@ -20,7 +20,8 @@ the CC compressor x_in[i] = sum_j c_ij X[i, j], c in R^{d x d_v} per site, initi
 1/d_v (the read vector of the paper; the released code adds N(0, 0.5/sqrt(d)) noise to the
 compressor weights -- `compressor_init="code"`).
 
-Defaults follow the paper's text (spec decision 4); the released code's choices are options:
+Defaults follow the paper's text (docs/design.md, decision 4); the released code's choices are
+options:
 - `value="paper"`: v = W_v c.  `value="code"`: v = 4 sigmoid(W_v x_in + b_v) (bounded, from the
   un-normalised x_in).
 - `beta_gate="linear"`: w_beta^T c + b_beta.  `beta_gate="mlp"`: W_2 tanh(W_1 c + b_1) + b_2,
@@ -45,7 +46,6 @@ cache; k = `token_kernel` = 4 taps, causal, zero before the first token):
   with channel multiplier d_v, identity-initialised (e_0 = 1, other taps 0: the current token
   copied into every channel, i.e. the plain repetition). Decode state: the last k-1
   embeddings, (k-1) d values (one per model).
-Both zero the inputs at left-padded positions (key_padding_mask), as the ShortConv mixer does.
 
 Fast path (same results): with d_v = 1 the write works from h itself, x' = x + 2 sigmoid(z)
 (v - k.x) / n h with n = sqrt(||h||^2 + eps_k^2) and z the gate logit, so k and beta are never
@@ -67,6 +67,7 @@ from resstream.depth.base import DepthOperator, cast, compute_dtype
 from resstream.mixers.shortconv import CausalDepthwiseConv
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import ddl_beta_result, site_label
 
 EPS_K = 1e-5
 
@@ -384,6 +385,8 @@ class DeepDeltaLearning(DepthOperator):
 
     def delta_write(self, state: DDLState, key: str, out: Tensor) -> Tensor:
         z, v = self.gate_and_value(key, state)
+        if self._routing is not None:  # beta = 2 sigmoid(z), which the fused write never forms
+            self._routing.add_samples(site_label(self.sites[int(key)]), 2 * torch.sigmoid(z))
         if self.value_dim > 1:
             beta = cast((2 * torch.sigmoid(z)).squeeze(-1), out.dtype)
             return delta_update(state.X, unit_direction(out), beta, v)
@@ -409,9 +412,38 @@ class DeepDeltaLearning(DepthOperator):
     def finalize(self, state, ctx):
         return self.compress(state.X, "final", ctx)
 
+    # ---------------------------------------------------------------- routing weights
+    def routing_result(self, recorder) -> dict:
+        """ddl_beta: the gate beta per token at every active site (inactive sites add)."""
+        return ddl_beta_result(recorder, self.options.beta_init)
+
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
         return self.value_dim
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         return "d_v", self.value_dim
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per active sublayer (d_v = value_dim): the gate logit, d (linear) or 128 d + 128
+        (mlp); the value W_v, d d_v; k = h / |h|, 2d; the readout k^T X and the rank-1 rewrite
+        beta k (v - k^T X)^T, 2 d d_v. Per compressor (every sublayer's read and the final
+        readout, when d_v > 1 or TC): CC d d_v; TC k d d_v (token conv) + d d_v (read vector).
+        The EC expander: k d d_v once. Inactive sublayers add (free)."""
+        d, dv, options = self.d_model, self.value_dim, self.options
+        gate = d if options.beta_gate == "linear" else 128 * d + 128
+        total = len(self.active_sites) * (gate + d * dv + 2 * d + 2 * d * dv)
+        taps = options.token_kernel
+        per_compressor = (taps + 1) * d * dv if options.compressor == "tc" else d * dv
+        total += len(self.compressors) * per_compressor
+        if self.expander is not None:
+            total += taps * d * dv
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """Everything but the value heads' W_v (random init, an ordinary projection, decayed as
+        in the released nanoGPT-style code): the gates (w_beta = 0, b_beta = logit(beta_0 / 2);
+        the "mlp" gate's hidden layer is part of the gate), the compressors (CC weights 1/d_v,
+        TC taps and read vector), the EC expander (identity taps) and all biases."""
+        return {name for name, _ in self.named_parameters()
+                if not (name.startswith("values.") and name.endswith(".weight"))}

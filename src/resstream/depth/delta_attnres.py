@@ -31,7 +31,7 @@ the norm removes, so it has none).
 Final read: one more read with its own query and key norm, h = x + gate * mixture, before the
 final norm and LM head (as the released code does).
 
-Our choices where text and code differ (spec decision 4: paper text by default):
+Our choices where text and code differ (docs/design.md, decision 4: paper text by default):
 - `query_init="zero"` (paper text) by default; `"normal"` is the code's N(0, 0.02) (we use the
   config's init_std, 0.02 by default).
 - `gate="none"` (the paper's method, no gate) by default: at init (zero queries, uniform weights)
@@ -147,3 +147,23 @@ class DeltaAttnRes(PseudoQueryReads):
                    else "x + embedding + completed block deltas + running block sum "
                         "(floor((s-1)/S)+3)")
         return formula, self._sources_after(n_sites) + 1
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per read with a pseudo-query over m sources (the embedding and the deltas completed
+        so far): logits and softmax mix, 2 m d, plus d for the gate's scaling with gate="alpha";
+        the key RMS of every source once, d each. x + mixture is a free addition; reads of the
+        embedding alone and of inactive blocks are free."""
+        if not self.column:
+            return 0
+        d, n_sites, size = self.d_model, len(self.sites), self.block_size
+        appended = -(-n_sites // size) + 1  # a boundary every S sublayers, the last block at the end
+        total = d * appended
+        for key in self.column:
+            m = appended if key == "final" else int(key) // size + 1
+            total += 2 * m * d + (d if self.gate is not None and key in self.gate else 0)
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: pseudo-queries w and key-norm gains (1-D) and the alpha gates (scalars,
+        init 0: the code's `learnable_alpha`) are mixing coefficients."""
+        return {name for name, _ in self.named_parameters()}

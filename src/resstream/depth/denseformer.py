@@ -40,6 +40,7 @@ from resstream.depth.base import DepthOperator
 from resstream.depth.weighting import weighted_sum
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import static_weights_result
 
 
 @dataclass
@@ -117,6 +118,15 @@ class DenseFormer(DepthOperator):
     def finalize(self, state, ctx):
         return state.stream
 
+    # ---------------------------------------------------------------- routing weights
+    def routing_result(self, recorder) -> dict:
+        """depth_weights: the alphas (static, unconstrained). The DWA after 1-based block i
+        feeds block "L{i}" ("final" after the last); X_j is "emb" (j = 0) or "L{j-1}"."""
+        rows = [("final" if i == self.n_layers else f"L{i}",
+                 ["emb" if j == 0 else f"L{j - 1}" for j in sources],
+                 self.alphas[str(i)].detach().double()) for i, sources in self.sources.items()]
+        return static_weights_result(rows, normalised=False, kind="depth_weights")
+
     # ---------------------------------------------------------------- accounting
     def _alive_after(self, i: int) -> int:
         """d-vectors per token that must survive block i (1-based): kept outputs a later DWA
@@ -132,3 +142,13 @@ class DenseFormer(DepthOperator):
         return ("X_j (j <= l+1) a later DWA reads, plus Y_{l+1} unless it is one of them "
                 "(l+3 for 1x1)",
                 self._alive_after(layer + 1))
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Each DWA is a weighted sum of its #S_i inputs: sum_i #S_i d (k x p DenseFormer:
+        about 1/(k p) of the 1x1 count)."""
+        return sum(len(sources) * self.d_model for sources in self.sources.values())
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: the DWA weights alpha (1-D, alpha_ii = 1, others 0) are mixing
+        coefficients; decay would pull alpha_ii = 1 toward 0, away from the standard residual."""
+        return {name for name, _ in self.named_parameters()}

@@ -14,7 +14,7 @@ so the causal window mask is empty: z is plain softmax attention over the K_l ke
 function `resstream.ops.local_attention` computes for that query, without building its mask).
 K = depth_window (None = full depth).
 
-Choices where the paper is silent (spec decision 3):
+Choices where the paper is silent (docs/design.md, decision 3):
 - injection `mode="add"` (default): block l reads u = h^(l) + W_O z^l with W_O zero-initialised,
   so the model starts exactly as the standard residual; `mode="replace"`: u = W_O z^l (z becomes
   the block input, as in Attention Residuals but with the input-dependent query above; W_V and
@@ -48,6 +48,7 @@ from resstream.layers import RMSNorm
 from resstream.mixers.shortswa import LocalSelfAttention
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import depth_attention_result, site_label
 
 
 @dataclass
@@ -246,6 +247,8 @@ class DepthSWA(DepthOperator):
             window = torch.cat(self._keep(state.normed, rows), dim=1)
             keys = split_heads(attention.k_proj(window), heads)
             values = split_heads(attention.v_proj(window), heads)
+        if self._routing is not None:
+            self._record_read(site_index, q, keys)
         z = attend_newest(q, keys, values).view(b, t, d)
         if self.record is not None:
             self.record.append((state.h, z))
@@ -285,6 +288,30 @@ class DepthSWA(DepthOperator):
     def finalize(self, state, ctx):
         return state.h
 
+    # ---------------------------------------------------------------- routing weights
+    def _record_read(self, site_index: int, q: Tensor, keys: list[Tensor]) -> None:
+        """The read's per-head softmax weights [N, H, K_l] over its window, as attend_newest
+        computes them (its weights are not returned: it is the training path)."""
+        q = q * q.shape[-1] ** -0.5
+        weights = torch.stack([torch.linalg.vecdot(k, q) for k in keys], -1).softmax(-1)
+        read = self.reads.index(site_index)
+        window = self.reads[read - len(keys) + 1:read + 1]
+        heads = [f"h{i}" for i in range(q.shape[1])]
+        self._routing.add_weights(self._state_label(site_index, reader=True),
+                                  [self._state_label(s) for s in window], weights, heads)
+
+    def _state_label(self, site_index: int, reader: bool = False) -> str:
+        """A read's label (the block or sublayer it feeds) or, as a source, the label of the
+        state it appends: the embedding or the output of the block / sublayer before it."""
+        site = self.sites[site_index] if reader else self.sites[site_index - 1]
+        if not reader and site_index == 0:
+            return "emb"
+        return f"L{site.layer}" if self.options.granularity == "block" else site_label(site)
+
+    def routing_result(self, recorder) -> dict:
+        """depth_attention: every read, averaged over tokens and heads (per head: per_head)."""
+        return depth_attention_result(recorder, normalised=True)
+
     def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> DepthSWAWorkspace:
         return DepthSWAWorkspace(batch_size)
 
@@ -303,3 +330,29 @@ class DepthSWA(DepthOperator):
         if self.window is None:
             return "all depth states so far (l+2 at block granularity)", n_states
         return "min(K, l+2) at block granularity", min(self.window, n_states)
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per read i (0-based; K_i = min(K, i+1) states in its window): RMSNorm of the new
+        state 2d (norm_states), W_Q d^2, the window's keys and values (shared module: the new
+        state's only, 2 d^2, the others were projected when they were read; one module per
+        read: all K_i states, 2 K_i d^2), scores and mix 2 K_i d, W_O d^2. Block input
+        h + W_O z: the addition is free."""
+        d, total = self.d_model, 0
+        for i in range(len(self.reads)):
+            keys = i + 1 if self.window is None else min(self.window, i + 1)
+            projected = 1 if self.options.shared else keys
+            total += (2 * d if self.options.norm_states else 0) + d * d + 2 * projected * d * d \
+                + 2 * keys * d + d * d
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """W_Q, W_K (and W_V in mode "add") are ordinary attention matrices, random-init and
+        decayed like global attention's. Not decayed: W_O in mode "add" (zero-initialised, it
+        gates the injection h + W_O z, so the model starts at the standard residual) and W_V,
+        W_O in mode "replace" (identity-initialised), plus the state norm's gain."""
+        names = {name for name, _ in self.named_parameters() if name.startswith("state_norm.")}
+        for i in range(len(self.attention)):
+            names.add(f"attention.{i}.o_proj.weight")
+            if self.options.mode == "replace":
+                names.add(f"attention.{i}.v_proj.weight")
+        return names

@@ -58,6 +58,7 @@ from resstream.depth.base import DepthOperator
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import static_weights_result
 
 VARIANTS = ("base", "zero", "normalized", "weighted_output")
 
@@ -151,6 +152,18 @@ class ELCBert(DepthOperator):
                                 state.sources)
         return state.sources[-1]
 
+    # ---------------------------------------------------------------- routing weights
+    def routing_result(self, recorder) -> dict:
+        """depth_attention from the (static) softmax weights: block l reads the embedding and
+        block outputs L0..L{l-1}; "final" with weighted_output. Block 0 (one source, weight 1)
+        and inactive blocks (plain sum) have no weights."""
+        sources = ["emb"] + [f"L{j}" for j in range(self.n_layers)]
+        rows = [(f"L{layer}", sources[:int(layer) + 1], torch.softmax(logits.detach().double(), -1))
+                for layer, logits in self.logits.items()]
+        if self.variant == "weighted_output" and self.final_active:
+            rows.append(("final", sources, torch.softmax(self.output_logits.detach().double(), -1)))
+        return static_weights_result(rows, normalised=True)
+
     # ---------------------------------------------------------------- accounting
     def _learned_read_after(self, layer: int) -> bool:
         later_blocks = any(self.is_active(l) for l in range(layer + 1, self.n_layers))
@@ -166,3 +179,20 @@ class ELCBert(DepthOperator):
         if self._learned_read_after(layer):
             return "l+2 (embedding and every block output so far)", layer + 2
         return "1 (the plain sum; no learned read follows)", 1
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """The softmax-weighted read of every active block l >= 1 over its l+1 sources, (l+1) d;
+        "weighted_output": the final read over L+1 sources, (L+1) d; "normalized": RMSNorm of
+        the embedding and of every block output, 2d each. Plain sums (inactive blocks) are free."""
+        d = self.d_model
+        total = sum((int(layer) + 1) * d for layer in self.logits)
+        if self.variant == "weighted_output" and self.final_active:
+            total += (self.n_layers + 1) * d
+        if self.variant == "normalized":
+            total += (self.n_layers + 1) * 2 * d
+        return total
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them (the released code's optimiser is not followed here): the layer logits w_n
+        and w_out are softmax mixing coefficients (1-D, zero / one-hot init)."""
+        return {name for name, _ in self.named_parameters()}

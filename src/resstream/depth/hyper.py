@@ -62,6 +62,7 @@ from resstream.depth.base import (DecodeWorkspace, DepthOperator, cast, compute_
                                   decode_workspace, is_decode_step)
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import site_label, stream_mixing_result
 
 STATIC = ("a_m", "a_r", "b")
 DYNAMIC = ("w_m", "w_r", "w_b", "norm_weight", "s_alpha", "s_beta")
@@ -362,6 +363,9 @@ class HyperConnections(DepthOperator):
             if state.decode:
                 h_in, state.residual, state.write = self.decode_read(tables, work)
             else:
+                if self._routing is not None:  # (HyperRead keeps its table inside the node)
+                    self._routing.add_mean(site_label(site),
+                                           self.coefficients(tables, work.flatten(0, -3)))
                 h_in, state.residual, state.write = self.read_streams(tables, work.flatten(0, -3))
                 h_in = h_in.view(streams.shape[:-2] + h_in.shape[-1:])
         return norm(cast(h_in, streams.dtype))
@@ -385,6 +389,13 @@ class HyperConnections(DepthOperator):
     def finalize(self, state, ctx):
         return state.streams.sum(-2, keepdim=state.decode)
 
+    # ---------------------------------------------------------------- routing weights
+    routing_names = ("A_m", "A_r", "B")  # the table's three blocks, as the paper names them
+
+    def routing_result(self, recorder) -> dict:
+        """stream_mixing: each active sublayer's A_m, A_r, B, averaged over tokens."""
+        return stream_mixing_result(recorder, self.n, self.mixing == "dynamic", self.routing_names)
+
     def new_cache_entry(self, batch_size: int, max_len: int, device, dtype) -> HyperWorkspace:
         return HyperWorkspace(batch_size)
 
@@ -394,3 +405,25 @@ class HyperConnections(DepthOperator):
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         return "n (streams)", self.n
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per active sublayer, n streams of width d: the read A_m^T H, n d; the stream mix
+        A_r^T H, n^2 d; the write B_i T(.) into every stream, n d. Dynamic HC adds the
+        coefficients from every stream: its RMS, d, and H_bar_j [W_m | W_r | W_beta], (n+2) d,
+        i.e. n (n+3) d (tanh free). Inactive sublayers (stream mean, add) and the final sum of
+        the streams are plain additions (free)."""
+        n, d = self.n, self.d_model
+        per_site = (n * n + 2 * n) * d + self.coefficient_macs()
+        return len(self.connections) * per_site
+
+    def coefficient_macs(self) -> int:
+        """MACs per sublayer of computing the (dynamic) coefficients; 0 for static HC."""
+        n, d = self.n, self.d_model
+        return n * (n + 3) * d if self.options.dynamic else 0
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: A_m (one-hot), A_r (= I), B (= 1), the zero-initialised dynamic weights
+        W_m, W_r, W_beta, the scales s_alpha, s_beta and the norm gain are the connection's
+        coefficients (the paper's weight-decay exemptions; lucidrains/hyper-connections issue
+        #4 advises no decay on the static connection)."""
+        return {name for name, _ in self.named_parameters()}

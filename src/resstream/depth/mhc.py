@@ -22,13 +22,14 @@ Paper-stated init: alpha_pre = alpha_post = alpha_res = 0.01 (learnable), n = 4,
 The paper does not state the phi and bias inits; ours (`init`):
 - phi = 0 (so the coefficients at init are exactly the biases). The RMSNorm of x~ has no weight
   of its own: as in the paper's fused form it is absorbed into phi.
-- "symmetry_breaking" (default; spec section 8.2): b_pre = +1 for stream k mod n (k the sublayer's
-  global 0-based index) and -1 for the others (H_pre = 0.73 / 0.27: each sublayer favours one
-  stream, as HC's A_m = e_{k mod n}); b_res = 2 I (identity-favouring; its rows and columns have
-  equal sums, so Sinkhorn is exact after one step: diagonal e^2 / (e^2 + n - 1) = 0.71 at n = 4);
-  b_post = 0 (H_post = 1). Why not a stronger diagonal: Sinkhorn converges slowly on nearly
-  diagonal matrices; with logits c I + N(0, 0.3^2) noise, 20 iterations leave row sums off by
-  3e-5 at c = 2 but 1e-2 at c = 4 (measured), i.e. H_res would no longer be doubly stochastic.
+- "symmetry_breaking" (default; docs/design.md, decision 6): b_pre = +1 for stream k mod n
+  (k the sublayer's global 0-based index) and -1 for the others (H_pre = 0.73 / 0.27: each
+  sublayer favours one stream, as HC's A_m = e_{k mod n}); b_res = 2 I (identity-favouring; its
+  rows and columns have equal sums, so Sinkhorn is exact after one step: diagonal
+  e^2 / (e^2 + n - 1) = 0.71 at n = 4); b_post = 0 (H_post = 1). Why not a stronger diagonal:
+  Sinkhorn converges slowly on nearly diagonal matrices; with logits c I + N(0, 0.3^2) noise,
+  20 iterations leave row sums off by 3e-5 at c = 2 but 1e-2 at c = 4 (measured), i.e. H_res
+  would no longer be doubly stochastic.
 - "zero": all biases 0 (H_pre = 1/2, H_post = 1, H_res = 1/n). With phi = 0 nothing ever makes
   the identical streams differ: every stream gets the same gradient.
 Starts at the baseline (up to eps): the streams start identical (n copies of the embedding); a
@@ -182,3 +183,18 @@ class ManifoldHyperConnections(HyperConnections):
 
     def read_streams(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.mix_streams(streams, self.coefficients(connection, streams))
+
+    routing_names = ("H_pre", "H_res^T", "H_post")  # stream_mixing's A_m, A_r, B blocks
+
+    def coefficient_macs(self) -> int:
+        """Per sublayer: RMS of the flattened n d streams, n d; x~ phi, n d (n^2 + 2n); Sinkhorn,
+        2 t_max normalisations of an n x n matrix, 2 n^2 each (sums and divisions: counted,
+        as they are not negligible beside n d at small d). Read, mix, write: as HC."""
+        n, d = self.n, self.d_model
+        return n * d + n * d * (n * n + 2 * n) + 2 * self.options.sinkhorn_iters * 2 * n * n
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: phi (zero-initialised coefficient projection), alpha_pre/post/res
+        (0.01) and the biases b_pre, b_post, b_res (b_res = 2 I with the default init) are
+        the connection's coefficients (the paper does not state their weight decay)."""
+        return {name for name, _ in self.named_parameters()}

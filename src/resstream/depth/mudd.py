@@ -70,6 +70,7 @@ from resstream.depth.base import DepthOperator, QKVViews, add_to_stream_and_view
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import depth_attention_result
 
 STREAMS = 4  # Q, K, V, R
 
@@ -347,6 +348,8 @@ class MUDD(DepthOperator):
         if aggregate is None:  # the next block reads the plain residual X_i for every stream
             state.views = None
             return
+        if self._routing is not None:
+            self._record_aggregate(aggregate, state.sources, layer)
         streams = aggregate(state.sources)
         if aggregate.n_streams == 1:  # the last DA (or no attention): R only
             state.stream, state.views = streams[0], None
@@ -355,6 +358,22 @@ class MUDD(DepthOperator):
 
     def finalize(self, state, ctx):
         return state.stream
+
+    # ---------------------------------------------------------------- routing weights
+    def _record_aggregate(self, aggregate: DynamicAggregate, sources: SourceStack,
+                          layer: int) -> None:
+        """The DA's per-token weights A [B, T, C, i+2] (computed again: _Aggregate keeps them
+        inside its node), one way per stream: Q, K, V, R (or R alone)."""
+        ways = ["Q", "K", "V", "R"] if aggregate.n_streams == STREAMS else ["R"]
+        reader = f"L{layer + 1}" if layer + 1 < self.n_layers else "final"
+        labels = ["emb"] + [f"L{j}" for j in range(aggregate.n_sources - 1)]
+        self._routing.add_weights(reader, labels, aggregate.weights(sources.last), ways)
+
+    def routing_result(self, recorder) -> dict:
+        """depth_attention: block l's DA weights over X_0 (emb) and the block outputs, averaged
+        over tokens and over the ways the DA produces (Q, K, V, R; R only for the last DA,
+        "final"); per way in per_head. Unnormalised (rows need not sum to 1)."""
+        return depth_attention_result(recorder, normalised=False)
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
@@ -365,3 +384,20 @@ class MUDD(DepthOperator):
         if any(int(i) > layer for i in self.das):
             return "l+2 block outputs (the DA weights come from X_{l+1}, recomputable)", layer + 2
         return "1 (no DA follows)", 1
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """Per DA after block i over n = i+2 sources with C streams and hidden width K: the
+        scale-free RMSNorm of X_i 2d, W_1 d K, W_2 K C n, the C weighted sums C n d. Blocks fed
+        Q, K, V views normalise two more inputs, 2 x 2d (attention's norm covers the third)."""
+        d, total = self.d_model, 0
+        for aggregate in self.das.values():
+            hidden, width = aggregate.w1.out_features, aggregate.w2.out_features
+            total += 2 * d + d * hidden + hidden * width + aggregate.n_streams * aggregate.n_sources * d
+        views = sum(1 for aggregate in self.das.values() if aggregate.n_streams == STREAMS)
+        return total + views * 2 * 2 * d
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: each DA's static prior a_i (init e_i) and its weight generator W_1, W_2
+        (W_2 = 0: the dynamic part of the mixing coefficients) compute mixing coefficients; the
+        K/V norm gains are 1-D."""
+        return {name for name, _ in self.named_parameters()}

@@ -28,3 +28,11 @@ class Standard(DepthOperator):
 
     def finalize(self, state, ctx):
         return state
+
+    def forward_macs_per_token(self, seq_len):
+        """0: residual additions are free (the convention every operator counts by)."""
+        return 0
+
+    def no_weight_decay(self):
+        """No parameters of its own."""
+        return set()

@@ -45,6 +45,7 @@ from resstream.depth.base import DepthOperator
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
+from resstream.routing import static_weights_result
 
 SOURCES = ("cumulative", "delta")
 
@@ -134,6 +135,16 @@ class Vertical(DepthOperator):
     def finalize(self, state, ctx):
         return state.previous_output
 
+    # ---------------------------------------------------------------- routing weights
+    def routing_result(self, recorder) -> dict:
+        """depth_attention from the (static) softmax weights: block l reads the normalised
+        embedding and block outputs L0..L{l-1} (or deltas). Block 0 (one source) and
+        inactive blocks have no weights."""
+        sources = ["emb"] + [f"L{j}" for j in range(self.n_layers)]
+        rows = [(f"L{layer}", sources[:int(layer) + 1], torch.softmax(logits.detach().double(), -1))
+                for layer, logits in self.logits.items()]
+        return static_weights_result(rows, normalised=True)
+
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
         # the normalised sources of the last learned read, plus the running stream
@@ -143,3 +154,16 @@ class Vertical(DepthOperator):
         if self.last_active > layer:
             return "l+2 normalised sources + the stream (l+3)", layer + 3
         return "1 (no learned read follows)", 1
+
+    def forward_macs_per_token(self, seq_len: int) -> int:
+        """The weighted read of every active block l >= 1 over its l+1 normalised sources,
+        (l+1) d, plus the RMS scaling of each source a learned read uses (the embedding and
+        the outputs of blocks before the last active one), 2d each."""
+        d = self.d_model
+        reads = sum((int(layer) + 1) * d for layer in self.logits)
+        norms = (self.last_active + 1) * 2 * d if self.last_active >= 0 else 0
+        return reads + norms
+
+    def no_weight_decay(self) -> set[str]:
+        """All of them: the scores theta_l (1-D) are softmax mixing coefficients."""
+        return {name for name, _ in self.named_parameters()}

@@ -37,3 +37,23 @@ class LocalMixer:
     @classmethod
     def build(cls, config, layer: int, options: Any) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    @classmethod
+    def forward_macs_per_token(cls, config, seq_len: int) -> int:
+        """Forward multiply-adds (MACs) per token of this mixer in the whole model (all blocks)
+        for sequences of `seq_len` tokens: its own projections, convolutions and local attention
+        scores (a causal window of w keys: min(w, t) keys at position t, averaged over the
+        positions). Pointwise activations and residual additions are free, and its pre-norm
+        too (the baseline's norms are not counted either; see resstream.flops). Global
+        attention, when a mixer removes it, is accounted for by resstream.flops, not here.
+
+        Every mixer must declare it: a registry-parametrised test fails on this default."""
+        raise NotImplementedError(f"local mixer {cls.name!r} does not declare forward_macs_per_token")
+
+    @classmethod
+    def no_weight_decay(cls, options: Any, slot: str, module: nn.Module) -> set[str]:
+        """Names (relative to `module`, the one built for `slot`) of parameters that take no
+        weight decay. Default: none -- a mixer's weights are ordinary matrices or filters and
+        are decayed like attention's (1-D parameters such as biases and norm gains are never
+        decayed anyway, see ResStreamLM.parameter_groups)."""
+        return set()

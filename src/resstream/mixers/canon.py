@@ -35,7 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resstream.mixers.base import LocalMixer
-from resstream.mixers.shortconv import CausalDepthwiseConv, qkv_width, validate_conv_options
+from resstream.mixers.shortconv import (CausalDepthwiseConv, conv_no_weight_decay, qkv_width,
+                                        validate_conv_options)
 from resstream.options import require
 from resstream.registry import register_local_mixer
 
@@ -83,3 +84,20 @@ class Canon(LocalMixer):
                 residual=options.residual, streams=streams, init=options.init,
                 init_std=config.init_std)
         return slots
+
+    @classmethod
+    def forward_macs_per_token(cls, config, seq_len):
+        """k taps per channel of each placement's width (A, C: d; B: d_q + 2 d_kv; D: 2 d_ff),
+        per block; the residual add and activation are free. Canon-A on an operator that gives
+        attention separate q, k, v inputs (dca, mudd) runs on each view, counted once here
+        (k d MACs, negligible beside the projections)."""
+        options = config.mixer_opts
+        width = sum(placement_width(config, letter) for letter in options.placements)
+        return config.n_layers * options.kernel * width
+
+    @classmethod
+    def no_weight_decay(cls, options, slot, module):
+        """As ShortConv: the taps are decayed with a random init ("small", "uniform"; the
+        released Lingua recipes decay every weight), exempt with init="zero", where they start
+        at a fixed point like a zero-initialised gate. The bias is 1-D (never decayed)."""
+        return conv_no_weight_decay(options, module)

@@ -18,9 +18,6 @@ Our choices where the sources are silent or differ:
     to 0, so with activation "none" the model starts exactly at the baseline.
   * the taps are stored lag-ordered: `weight[i]` multiplies x_{t-i} (the formula above), and are
     flipped into F.conv1d's cross-correlation layout at call time.
-  * left-padded batched generation: inputs at padded positions (key_padding_mask False) are
-    zeroed before the conv, so a padded row sees exactly what an unpadded sequence sees (zeros
-    before its first token).
 
 Decode state: the last k-1 inputs of each conv (`ConvHistory`), (k-1) x C values per sequence
 per slot module; a chunk of any length is convolved after prepending that history, so cached
@@ -99,25 +96,17 @@ class CausalDepthwiseConv(nn.Module):
         """[C*M, 1, k] in F.conv1d's layout: cross-correlation, so the oldest tap comes first."""
         return self.weight.flip(0).t().unsqueeze(1)
 
-    def _masked(self, x: Tensor, ctx) -> Tensor:
-        mask = None if ctx is None else ctx.key_padding_mask
-        if mask is None:
-            return x
-        offset = ctx.offset
-        return x * mask[:, offset:offset + x.shape[1], None].to(x.dtype)
-
     def forward(self, x: Tensor, ctx=None, stream: int = 0) -> Tensor:
         """x [B, T, C] -> [B, T, C*M]; with a cache, continues from the stored history."""
-        inputs = self._masked(x, ctx)
         entry = None if ctx is None else ctx.entry(self)
         keep = self.kernel - 1
         if entry is None:
-            padded = F.pad(inputs.transpose(1, 2), (keep, 0))
+            padded = F.pad(x.transpose(1, 2), (keep, 0))
         else:
-            sequence = torch.cat([entry.history[stream].to(inputs.dtype), inputs], dim=1)
+            sequence = torch.cat([entry.history[stream].to(x.dtype), x], dim=1)
             entry.history[stream].copy_(sequence[:, sequence.shape[1] - keep:].detach())
             padded = sequence.transpose(1, 2)
-        y = F.conv1d(padded, self._conv_weight().to(inputs.dtype), self.bias, groups=self.channels)
+        y = F.conv1d(padded, self._conv_weight().to(x.dtype), self.bias, groups=self.channels)
         y = y.transpose(1, 2)
         if self.activation == "silu":
             y = F.silu(y)
@@ -131,6 +120,12 @@ class CausalDepthwiseConv(nn.Module):
         return (f"channels={self.channels}, kernel={self.kernel}, activation={self.activation}, "
                 f"residual={self.residual}, bias={self.bias is not None}, streams={self.streams}"
                 f"{multiplier}")
+
+
+def conv_no_weight_decay(options, module: nn.Module) -> set[str]:
+    """The taps of a CausalDepthwiseConv started at a fixed point (init "identity" or "zero")
+    act like a gate on a branch that starts at the baseline: no weight decay for them."""
+    return {"weight"} if options.init in ("identity", "zero") else set()
 
 
 def qkv_width(config) -> int:
@@ -168,3 +163,16 @@ class ShortConv(LocalMixer):
         conv = CausalDepthwiseConv(qkv_width(config), options.kernel, options.bias, options.activation,
                                    residual=False, init=options.init, init_std=config.init_std)
         return {"qkv": conv}
+
+    @classmethod
+    def forward_macs_per_token(cls, config, seq_len):
+        """k taps per channel of the q, k, v projections: k (d_q + 2 d_kv) per block (SiLU free)."""
+        return config.n_layers * config.mixer_opts.kernel * qkv_width(config)
+
+    @classmethod
+    def no_weight_decay(cls, options, slot, module):
+        """The taps are decayed like any conv weight with the default random init ("uniform"), as
+        fla / Mamba-2 training does (their optimisers decay every >= 2-D weight); with
+        init="identity" (w_0 = 1) decay would pull the conv, which has no residual, from the
+        identity toward zero, so the taps are then exempt. The bias is 1-D (never decayed)."""
+        return conv_no_weight_decay(options, module)

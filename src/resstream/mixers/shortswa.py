@@ -8,7 +8,7 @@ Architectures" (Zhang, arXiv 2603.16039):
 
 ShortSWA(X; w)_t = W_O concat_h softmax_j(q_t k_j^T / sqrt(d_h) + M_tj) v_j with its own
 W_Q, W_K, W_V, W_O, the model's head count by default, RoPE on by default, and the exact window
-M_tj = 0 iff 0 <= t - j < w (w keys including the current token; spec decision 1-2).
+M_tj = 0 iff 0 <= t - j < w (w keys including the current token; docs/design.md, decisions 1 and 2).
 The attention itself is `resstream.ops.local_attention`; the depth-wise read (`depth_swa`)
 applies the same function along depth (computing it directly for its single query per read).
 Decode state: a rolling buffer of the last w keys/values.
@@ -132,3 +132,22 @@ class ShortSWA(LocalMixer):
     @classmethod
     def build(cls, config, layer, options):
         return {"block": ShortSWABlock(config, options, 2 * config.n_layers)}
+
+    @classmethod
+    def forward_macs_per_token(cls, config, seq_len):
+        """Per block: its own W_Q, W_K, W_V, W_O (d x d_q, 2 x d x d_kv, d_q x d; d_q = d) plus
+        the window's scores and mix, 2 d_q min(w, t) averaged over positions t = 1..T."""
+        from resstream.flops import mean_window_keys
+
+        options = config.mixer_opts
+        heads = options.heads or config.n_heads
+        head_dim = config.d_model // heads
+        d, d_q, d_kv = config.d_model, heads * head_dim, (options.kv_heads or heads) * head_dim
+        per_block = d * d_q + 2 * d * d_kv + d_q * d + 2 * d_q * mean_window_keys(seq_len, config.local_window)
+        return config.n_layers * per_block
+
+    @classmethod
+    def no_weight_decay(cls, options, slot, module):
+        """None: W_Q, W_K, W_V, W_O are ordinary attention matrices (random init), decayed like
+        global attention's; the pre-norm gain is 1-D (never decayed)."""
+        return set()

@@ -1,9 +1,7 @@
-"""CLI subcommands `train`, `sample` and `presets`.
+"""CLI subcommands `train` and `presets` (`sample`, an alias of `generate`: resstream.generation).
 
     resstream train [--config FILE] [--preset NAME] [--data SOURCE] [--out DIR] [--steps N]
                     [--seed N] [--resume | --overwrite] [--no-progress] [--SECTION.KEY=VALUE ...]
-    resstream sample CHECKPOINT [--prompt TEXT] [--max-new-tokens N] [--temperature T]
-                    [--top-k K] [--seed N]
     resstream presets
 """
 from __future__ import annotations
@@ -27,7 +25,6 @@ _OVERRIDE = re.compile(r"^--[A-Za-z_][A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+(=.*)?$", re
 
 def register(subparsers) -> None:
     _register_train(subparsers)
-    _register_sample(subparsers)
     _register_presets(subparsers)
 
 
@@ -50,7 +47,11 @@ def _register_train(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the run in --out and start over")
+                        help="delete the run in --out (only a folder written by resstream "
+                             "train, and only the run's own files) and start over")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though the training data changed "
+                             "(recorded in environment.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train, overrides=[])
     _accept_dotted_overrides(parser)
@@ -100,14 +101,36 @@ def _override_help() -> str:
 def build_train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """Resolve defaults -> config file (or, with --resume and no --config, the run's saved
     config) -> flags -> overrides. Returns the config and the run folder."""
+    from resstream.train.run_folder import is_run_folder
     from resstream.train.trainer import CONFIG_FILE
 
     base = load_config_file(args.config) if args.config else {}
     config, run_dir = _apply_command_line(base, args)
     saved = run_dir / CONFIG_FILE
-    if args.resume and not args.config and saved.is_file():
+    # only a run's own config.json (the marker says so; an HF model folder has one too)
+    if args.resume and not args.config and saved.is_file() and is_run_folder(run_dir):
         config, _ = _apply_command_line(load_config_file(saved), args)
-    return config, run_dir
+    return _smoke_caps(config, saved if args.resume else None), run_dir
+
+
+def _smoke_caps(config: TrainConfig, resumed: Path | None) -> TrainConfig:
+    """In smoke mode (RESSTREAM_SMOKE, resstream.smoke) a tiny budget: 2 steps (2 more than the
+    resumed run's, so that `--resume --steps N` still extends it), 512 evaluation tokens; applied
+    here so that the run's saved config says what ran."""
+    from resstream.smoke import smoke_cap, smoke_mode
+
+    if not smoke_mode():
+        return config
+    loop = config.train
+    before = 0
+    if resumed is not None and resumed.is_file():
+        before = int(load_config_file(resumed).get("train", {}).get("steps", 0))
+    loop.steps = smoke_cap(loop.steps, before + 2, "train.steps")
+    loop.eval_every = smoke_cap(loop.eval_every, 2, "train.eval_every")
+    loop.eval_tokens = smoke_cap(loop.eval_tokens, 512, "train.eval_tokens")
+    loop.final_eval_tokens = smoke_cap(loop.final_eval_tokens, 512, "train.final_eval_tokens")
+    config.validate()
+    return config
 
 
 def _apply_command_line(base: dict, args: argparse.Namespace) -> tuple[TrainConfig, Path]:
@@ -132,7 +155,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config, run_dir = build_train_config(args)
     get_preset(config.preset)  # unknown preset: one-line error before any work
-    trainer = Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    trainer = Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite,
+                      allow_data_change=args.allow_data_change)
     result = trainer.run()
     final = result.final_eval
     summary = f"done: {result.step} steps, {result.tokens:,} tokens"
@@ -140,30 +164,6 @@ def run_train(args: argparse.Namespace) -> int:
         summary += f", val loss {final.loss:.4f} nats/token, val bpb {final.bpb:.4f}"
     print(summary)
     print(f"run folder: {run_dir}")
-    return 0
-
-
-# ---------------------------------------------------------------------------- sample
-
-def _register_sample(subparsers) -> None:
-    parser = subparsers.add_parser("sample", help="generate text from a checkpoint")
-    parser.add_argument("checkpoint", help="run folder (uses its last checkpoint), checkpoint "
-                                           "folder, or a file inside one")
-    parser.add_argument("--prompt", default="", help="text to continue (default: none)")
-    parser.add_argument("--max-new-tokens", type=int, default=300)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=40, help="0: no top-k filter")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.set_defaults(func=run_sample)
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    from resstream.train.sampling import sample_text
-
-    text = sample_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                       args.top_k or None, args.seed, args.device)
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 

@@ -20,18 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
-import typing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from resstream.coerce import coerce, coerce_fields, coerce_instance, require
 from resstream.errors import UserError
 
 PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+LOGGERS = ("jsonl", "tensorboard")  # metrics.jsonl is always written
 
 
 @dataclass
@@ -44,11 +44,12 @@ class DataConfig:
     cache_dir: str | None = None  # None: $RESSTREAM_DATA_CACHE or ./data_cache
 
     def validate(self) -> None:
-        _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
+        coerce_instance(self, "data.")  # also built directly in Python, skipping from_dict
+        require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
                  self.source, "'shakespeare', a .txt file or folder, or hf:NAME[:CONFIG]")
         if self.seq_len is not None:
-            _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer >= 1 or null")
-        _require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
+            require(self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer >= 1 or null")
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
 
 
 @dataclass
@@ -66,18 +67,19 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
 
     def validate(self) -> None:
-        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a number > 0")
-        _require(math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "optim.min_lr",
+        coerce_instance(self, "optim.")  # types, and every float finite
+        require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        require(math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr, "optim.min_lr",
                  self.min_lr, f"a number in [0, optim.lr={self.lr}]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps,
                  "an integer >= 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
-        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
-        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
-        _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
-        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip,
                  "a number >= 0 (0: no clipping)")
-        _require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "an integer >= 1")
+        require(self.grad_accum >= 1, "optim.grad_accum", self.grad_accum, "an integer >= 1")
 
 
 @dataclass
@@ -98,28 +100,37 @@ class LoopConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True  # show a progress bar
+    log: str = "jsonl"  # "tensorboard": also write TensorBoard scalars (needs tensorboard)
 
     def validate(self) -> None:
-        _require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
-        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
-        _require(self.eval_every >= 0, "train.eval_every", self.eval_every,
+        coerce_instance(self, "train.")
+        require(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        require(self.eval_every >= 0, "train.eval_every", self.eval_every,
                  "an integer >= 0 (0: only at the end)")
         for name in ("eval_tokens", "final_eval_tokens"):
             value = getattr(self, name)
             if value is not None:
-                _require(value >= 1, f"train.{name}", value, "an integer >= 1 or null (all)")
-        _require(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size,
+                require(value >= 1, f"train.{name}", value, "an integer >= 1 or null (all)")
+        require(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size,
                  "an integer >= 1")
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
+        require(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every,
                  "an integer >= 0 (0: only the final checkpoint)")
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints,
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints,
                  "an integer >= 1")
-        _require(self.precision in PRECISIONS, "train.precision", self.precision,
+        require(self.precision in PRECISIONS, "train.precision", self.precision,
                  ", ".join(PRECISIONS))
-        _require(self.device in DEVICES, "train.device", self.device, ", ".join(DEVICES))
+        require(self.log in LOGGERS, "train.log", self.log, ", ".join(LOGGERS))
+        from resstream.hardware import parse_device
+
+        # syntax only: the device must exist when the run starts, not where the config is read
+        parse_device(self.device, "train.device", must_exist=False)
         if self.threads is not None:
-            _require(self.threads >= 1, "train.threads", self.threads, "an integer >= 1 or null")
+            # more threads than cores only slows down, and huge counts crash OpenMP (SIGSEGV)
+            cores = os.cpu_count() or 1
+            require(1 <= self.threads <= cores, "train.threads", self.threads,
+                    f"an integer in 1..{cores} (this machine's logical cores) or null")
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig}
@@ -151,9 +162,9 @@ class TrainConfig:
                             f"{', '.join(TOP_LEVEL_KEYS)}")
         config = cls()
         if "preset" in values:
-            config.preset = _coerce(values["preset"], str, "preset")
+            config.preset = coerce(values["preset"], str, "preset")
         if "name" in values:
-            config.name = _coerce(values["name"], str | None, "name")
+            config.name = coerce(values["name"], str | None, "name")
         if "model" in values:
             config.model = _model_section(values["model"])
         for section, section_cls in SECTIONS.items():
@@ -163,7 +174,7 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        _require(isinstance(self.preset, str) and self.preset != "", "preset", self.preset,
+        require(isinstance(self.preset, str) and self.preset != "", "preset", self.preset,
                  "a preset name (see `resstream presets`)")
         for section in SECTIONS:
             getattr(self, section).validate()
@@ -277,9 +288,7 @@ def _build_section(section: str, section_cls: type, values: Any):
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
                         f"valid keys in {section}: {', '.join(fields)}")
-    hints = typing.get_type_hints(section_cls)
-    kwargs = {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
-    return section_cls(**kwargs)
+    return section_cls(**coerce_fields(section_cls, values, f"{section}."))
 
 
 def _model_field_names() -> list[str]:
@@ -301,96 +310,4 @@ def _model_section(values: Any) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown config key(s) {', '.join(f'model.{k}' for k in unknown)}; "
                         f"valid keys in model: {', '.join(valid)}")
-    hints = typing.get_type_hints(ModelConfig)
-    return {key: _coerce(value, hints.get(key, Any), f"model.{key}")
-            for key, value in values.items()}
-
-
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-               dict: "a mapping", list: "a list", type(None): "null"}
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Return `value` converted to the type `hint`, or raise a one-line UserError."""
-    converted = _try_coerce(value, hint)
-    if converted is _FAIL:
-        raise UserError(f"{where}={value!r} is invalid; allowed: {_describe(hint)}")
-    return converted
-
-
-_FAIL = object()
-
-
-def _try_coerce(value: Any, hint: Any) -> Any:
-    if hint is Any:
-        return value
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        args = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            return None if type(None) in args else _FAIL
-        for arg in args:
-            if arg is type(None):
-                continue
-            converted = _try_coerce(value, arg)
-            if converted is not _FAIL:
-                return converted
-        return _FAIL
-    if origin is not None:
-        hint = origin  # list[int] -> list, dict[str, Any] -> dict
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        return _FAIL
-    if hint is int:
-        if isinstance(value, bool):
-            return _FAIL
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                return _FAIL
-            return int(number) if number.is_integer() else _FAIL
-        return _FAIL
-    if hint is float:
-        if isinstance(value, bool):
-            return _FAIL
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return _FAIL
-        return _FAIL
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        return _FAIL
-    if hint in (list, tuple):
-        return list(value) if isinstance(value, (list, tuple)) else _FAIL
-    if hint is dict:
-        return dict(value) if isinstance(value, dict) else _FAIL
-    if isinstance(hint, type):
-        return value if isinstance(value, hint) else _FAIL
-    return value
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is typing.Union or origin is types.UnionType:
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    return _TYPE_WORDS.get(origin or hint, str(hint))
-
-
-def _require(condition: bool, where: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise UserError(f"{where}={value!r} is invalid; allowed: {allowed}")
+    return coerce_fields(ModelConfig, values, "model.")

@@ -3,6 +3,8 @@ bits per byte, JSONL metrics, atomic checkpoints and exact resume.
 
 Run folder (``--out``, default ``runs/<name>``)::
 
+    resstream_run.json  marker: {"kind": "resstream-train-run", "format": 1}; --overwrite and
+                        --resume act only on folders that have it (see run_folder.py)
     config.json         resolved TrainConfig (preset, model overrides, data, optim, train)
     model_config.json   the resolved ModelConfig
     environment.json    python, torch, numpy, platform, threads, device, resstream version, git
@@ -10,6 +12,7 @@ Run folder (``--out``, default ``runs/<name>``)::
     data_manifest.json  the data cache's manifest (source, byte counts, sha256, versions)
     metrics.jsonl       one JSON record per line: kind "train", "eval" or "final"
     checkpoints/step_NNNNNNNN/  see resstream.train.checkpoint
+    tensorboard/        TensorBoard scalars, with train.log=tensorboard
 
 Exact resume. Every random choice is a function of (seed, step): the batch for micro-batch m of
 step s is drawn by ``numpy.random.default_rng([seed, s, m])``, so resuming needs no replay of the
@@ -25,9 +28,11 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from resstream.data.cache import PreparedData, prepare_data
+from resstream.data.tokenizer import get_tokenizer
 from resstream.errors import UserError
 from resstream.hardware import WORKAROUND, cpu_matmul_works, parse_device
 from resstream.metrics import EvalResult, evaluate_bpb
 from resstream.train import checkpoint as ckpt
+from resstream.train import run_folder
 from resstream.train.config import TrainConfig
 
 CONFIG_FILE = "config.json"
@@ -49,14 +56,15 @@ MODEL_CONFIG_FILE = "model_config.json"
 ENVIRONMENT_FILE = "environment.json"
 DATA_MANIFEST_FILE = "data_manifest.json"
 METRICS_FILE = "metrics.jsonl"
-RUN_MARKERS = (CONFIG_FILE, METRICS_FILE)  # files that make a folder a resstream run folder
+# What identifies the training data: the raw input's fingerprint and the token files' hashes.
+DATA_IDENTITY_KEYS = ("source_fingerprint", "tokenizer", "train_sha256", "val_sha256")
 
 # Keys that may change between a run and its resumption: they do not change the weights.
 RESUMABLE_CHANGES = {
     "name", "data.cache_dir", "train.steps", "train.eval_every", "train.eval_tokens",
     "train.final_eval_tokens", "train.eval_batch_size", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.compile", "train.threads",
-    "train.progress",
+    "train.progress", "train.log",
 }
 # Evaluations of at least this many tokens get their own (transient) progress bar.
 EVAL_PROGRESS_MIN_TOKENS = 100_000
@@ -66,6 +74,10 @@ SLOW_STEP_ENV = "RESSTREAM_TEST_STEP_SLEEP"
 
 class NonFiniteLossError(UserError):
     """Training produced a NaN or infinite loss or gradient; the run stops before updating."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; the message says at which step and where its checkpoint is."""
 
 
 @dataclass
@@ -124,17 +136,30 @@ class Trainer:
                  overwrite: bool = False, data: PreparedData | None = None,
                  progress_label: str | None = None, log: Callable[[str], None] | None = None,
                  argv: list[str] | None = None, adaptive_threads: bool = False,
-                 reference_step_seconds: float | None = None):
+                 reference_step_seconds: float | None = None, init_like=None,
+                 allow_data_change: bool = False):
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other; allowed: one of them")
+        if allow_data_change and not resume:
+            raise UserError("--allow-data-change is invalid without --resume; allowed: "
+                            "--resume --allow-data-change")
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.overwrite = overwrite
+        self.allow_data_change = allow_data_change
+        self.data_change: dict | None = None  # set when a resume continues on changed data
+        self.interrupts = _InterruptGuard()  # active (handling SIGINT) only inside run()
+        self.position = (0, 0)  # (step, tokens) of the last completed step
+        self.tensorboard = None  # a SummaryWriter with train.log=tensorboard
         self.data = data
         self.progress_label = progress_label or self.run_dir.name
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.argv = argv
+        # `resstream compare`: start every parameter shared with this reference ModelConfig
+        # (same name and shape) from the reference's init for the same seed
+        self.init_like = init_like
+        self.train_clock = 0.0  # training seconds so far, evaluations excluded; survives resume
         # Demo only (it changes numerics, so exact resume is off): drop to one thread if steps
         # become several times slower than at the start, the sign of cores taken by other work.
         self.thread_watch = (_ThreadWatch(self.log, reference_step_seconds)
@@ -144,42 +169,84 @@ class Trainer:
         if self.seq_len > self.model_config.max_seq_len:
             raise UserError(f"data.seq_len={self.seq_len} is invalid; allowed: at most "
                             f"model.max_seq_len={self.model_config.max_seq_len}")
+        self._check_vocab(data.tokenizer if data is not None else get_tokenizer())
 
     # ------------------------------------------------------------------ setup
+    def _check_vocab(self, tokenizer) -> None:
+        """Every token id the tokenizer can produce must have an embedding row (else the first
+        batch dies with an IndexError deep in nn.Embedding)."""
+        vocab = self.model_config.vocab_size
+        if vocab < tokenizer.vocab_size:
+            raise UserError(f"model.vocab_size={vocab} is invalid; allowed: at least "
+                            f"{tokenizer.vocab_size}, the vocabulary of the {tokenizer.name!r} "
+                            "tokenizer")
+
     def _device(self) -> torch.device:
         return parse_device(self.config.train.device, "train.device")
 
-    def _prepare_run_dir(self) -> None:
-        """Refuse a non-empty folder unless resuming or overwriting a resstream run."""
+    def _check_run_dir(self) -> bool:
+        """Refuse a non-empty folder unless resuming or overwriting a resstream run (one with
+        the marker file). Changes nothing; returns whether the folder holds anything."""
         run_dir = self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"run folder {str(run_dir)!r} is a file; allowed: a new or empty "
                             "folder")
-        occupied = run_dir.is_dir() and any(run_dir.iterdir())
+        # a folder holding only the marker is empty: a run that failed before writing anything
+        occupied = run_dir.is_dir() and any(child.name != run_folder.MARKER_FILE
+                                            for child in run_dir.iterdir())
         if self.resume:
+            if occupied:
+                run_folder.require_run_folder(run_dir, "--resume")
             if not occupied or ckpt.latest_checkpoint(run_dir) is None:
                 raise UserError(f"--resume: no checkpoint in {str(run_dir)!r}; allowed: a run "
                                 "folder with checkpoints/ (or start without --resume)")
-            return
+            return True
         if occupied and not self.overwrite:
             raise UserError(f"run folder {str(run_dir)!r} is not empty; allowed: --resume to "
                             "continue it, --overwrite to start over, or another --out")
         if occupied:
-            if not any((run_dir / marker).exists() for marker in RUN_MARKERS):
-                raise UserError(f"--overwrite refused: {str(run_dir)!r} does not look like a "
-                                f"resstream run folder (no {' or '.join(RUN_MARKERS)}); "
-                                "allowed: a run folder or an empty/new folder")
-            _clear_directory(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+            run_folder.require_run_folder(run_dir, "--overwrite")
+        return occupied
+
+    def _prepare_run_dir(self) -> None:
+        """After every check has passed: clear an overwritten run's own files and mark the
+        folder as a run before anything else is written into it."""
+        run_dir = self.run_dir
+        if self._check_run_dir() and not self.resume:
+            kept = run_folder.remove_own_files(run_dir)
+            if kept:
+                self.log(f"--overwrite: kept {len(kept)} entries that are not the run's own: "
+                         f"{', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''}")
+        if not self.resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            run_folder.write_marker(run_dir)
 
     def _check_resume_config(self) -> None:
         saved = _read_json_file(self.run_dir / CONFIG_FILE)
+        allowed = RESUMABLE_CHANGES | ({"data.source"} if self.allow_data_change else set())
         differences = sorted(key for key in _diff_dotted(saved, self.config.to_dict())
-                             if key not in RESUMABLE_CHANGES)
+                             if key not in allowed)
         if differences:
+            hint = "" if self.allow_data_change else " (data.source with --allow-data-change)"
             raise UserError(f"--resume: the config differs from the run's {CONFIG_FILE} in "
                             f"{', '.join(differences)}; allowed changes: "
-                            f"{', '.join(sorted(RESUMABLE_CHANGES))}")
+                            f"{', '.join(sorted(allowed))}{hint}")
+
+    def _check_resume_data(self, data: PreparedData) -> None:
+        """Refuse to continue a run on other data than it was trained on, unless
+        --allow-data-change (then the change is recorded in environment.json's resumes)."""
+        saved = _read_json_file(self.run_dir / DATA_MANIFEST_FILE)
+        before, now = _data_identity(saved), _data_identity(data.manifest)
+        if before == now:
+            return
+        changed = ", ".join(key for key in DATA_IDENTITY_KEYS if before[key] != now[key])
+        if not self.allow_data_change:
+            raise UserError(f"--resume: data {self.config.data.source!r} differs from the data "
+                            f"the run was trained on (changed: {changed}; see {DATA_MANIFEST_FILE}"
+                            "); allowed: the same data, or --allow-data-change to continue on it")
+        self.data_change = {"changed": changed, "before": before, "after": now,
+                            "source_before": saved.get("source"), "source_after": data.source}
+        self.log(f"warning: resuming on changed data ({changed}; --allow-data-change)")
 
     def _load_data(self) -> PreparedData:
         data = self.data or prepare_data(self.config.data.source, self.config.data.cache_dir)
@@ -192,14 +259,20 @@ class Trainer:
         return data
 
     def _build_optimizer(self, model: torch.nn.Module) -> torch.optim.AdamW:
-        """AdamW; weight decay on matrices only (norm gains, biases and gates are not decayed)."""
+        """AdamW; weight decay by parameter role (`ResStreamLM.parameter_groups`): matrices are
+        decayed, except the ones the depth operator or local mixer declares exempt (identity- or
+        constant-initialised mixing coefficients, gates, queries); 1-D parameters (norm gains,
+        biases, scalars) never are. Models without `parameter_groups`: matrices only."""
         optim = self.config.optim
-        decay, no_decay = [], []
-        for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            if param.requires_grad:
-                (decay if param.dim() >= 2 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        if hasattr(model, "parameter_groups"):
+            groups = model.parameter_groups(optim.weight_decay)
+        else:
+            decay, no_decay = [], []
+            for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+                if param.requires_grad:
+                    (decay if param.dim() >= 2 else no_decay).append(param)
+            groups = [{"params": decay, "weight_decay": optim.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2),
                                  eps=optim.eps)
 
@@ -210,16 +283,23 @@ class Trainer:
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
         device = self._device()
-        self._prepare_run_dir()
+        # before the run folder is touched: a missing package is an error, not a late surprise
+        writer_cls = _tensorboard_writer_class() if train_cfg.log == "tensorboard" else None
+        self._check_run_dir()  # every refusal before any work and before anything is deleted
         if self.resume:
             self._check_resume_config()
         data = self._load_data()
+        if self.resume:
+            self._check_resume_data(data)
+        self._prepare_run_dir()
         self.data = data
 
         from resstream.model import ResStreamLM
 
         torch.manual_seed(train_cfg.seed)
         model = ResStreamLM(self.model_config).to(device)
+        if self.init_like is not None and not self.resume:
+            copy_shared_init(model, self.init_like, train_cfg.seed)
         optimizer = self._build_optimizer(model)
         step, tokens_seen = 0, 0
         if self.resume:
@@ -228,6 +308,7 @@ class Trainer:
             ckpt.load_optimizer_state(loaded, optimizer)
             ckpt.restore_rng_state(loaded.state["rng"])
             step, tokens_seen = loaded.step, int(loaded.state.get("tokens", 0))
+            self.train_clock = float(loaded.state.get("train_seconds", 0.0))
             if step >= self.config.train.steps:
                 raise UserError(f"--resume: {self.run_dir} already finished at step {step}; "
                                 f"allowed: --steps larger than {step} to continue training")
@@ -235,10 +316,33 @@ class Trainer:
             self.log(f"resuming {self.run_dir} from step {step} ({loaded.path.name})")
         self._write_run_files(data, model)
         self.metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if writer_cls is not None:  # purge_step: drop the scalars of steps being redone
+            self.tensorboard = writer_cls(log_dir=str(self.run_dir / run_folder.TENSORBOARD_DIR),
+                                          purge_step=step if self.resume else None)
+        self.position = (step, tokens_seen)
         try:
-            return self._loop(model, optimizer, data, device, step, tokens_seen, wall_start)
+            with self.interrupts:
+                return self._loop(model, optimizer, data, device, step, tokens_seen, wall_start)
+        except KeyboardInterrupt:
+            raise self._interrupted(model, optimizer) from None
         finally:
             self.metrics_file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _interrupted(self, model, optimizer) -> TrainingInterrupted:
+        """After Ctrl-C: a checkpoint of the last completed step (unless a second Ctrl-C cut a
+        step short, leaving weights half-updated), and the one line that says so."""
+        step, tokens = self.position
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if self.interrupts.aborted:
+            where = f"last checkpoint: {latest}" if latest else "no checkpoint was written"
+            return TrainingInterrupted(f"interrupted twice during step {step + 1}: stopped "
+                                       f"without saving it ({where})")
+        if latest is None or ckpt.read_checkpoint(latest, verify=False).step != step:
+            latest = self._save(model, optimizer, step, tokens)
+        return TrainingInterrupted(f"interrupted at step {step} of {self.config.train.steps}; "
+                                   f"checkpoint: {latest}; continue with --resume")
 
     def _loop(self, model, optimizer, data, device, step, tokens_seen, wall_start) -> TrainResult:
         cfg = self.config
@@ -260,13 +364,16 @@ class Trainer:
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm, forward = self._train_step(model, forward, optimizer, data,
-                                                            device, autocast_dtype, step)
-                step += 1
-                tokens_seen += tokens_per_step
+                with self.interrupts.deferred():  # Ctrl-C lands between steps, never in one
+                    loss, grad_norm, forward = self._train_step(model, forward, optimizer, data,
+                                                                device, autocast_dtype, step)
+                    step += 1
+                    tokens_seen += tokens_per_step
+                    self.position = (step, tokens_seen)
                 trained_tokens += tokens_per_step
                 step_seconds = time.perf_counter() - started
                 train_seconds += step_seconds
+                self.train_clock += step_seconds
                 if self.thread_watch is not None:
                     self.thread_watch.observe(step_seconds)
                 last_loss = loss
@@ -381,17 +488,18 @@ class Trainer:
                 bar.close()
         record = {"kind": "eval", "step": step, "tokens": tokens, "val_loss": result.loss,
                   "val_bpb": result.bpb, "eval_tokens": result.tokens,
-                  "eval_bytes": result.bytes}
+                  "eval_bytes": result.bytes, "train_seconds": self.train_clock}
         self._write_metrics(record)
         return record
 
     def _save(self, model, optimizer, step: int, tokens: int) -> Path:
-        state = {"tokens": tokens,
+        state = {"tokens": tokens, "train_seconds": self.train_clock,
                  "data_position": {"seed": self.config.train.seed, "next_step": step,
                                    "rule": "numpy.random.default_rng([seed, step, micro])"},
                  "model_config": self.model_config.to_dict(),
                  "train_config": self.config.to_dict(),
-                 "tokenizer": self.data.tokenizer.to_dict() if self.data else None}
+                 "tokenizer": self.data.tokenizer.to_dict() if self.data else None,
+                 "data": _data_identity(self.data.manifest) if self.data else None}
         return ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state,
                                     self.config.train.keep_checkpoints)
 
@@ -403,6 +511,8 @@ class Trainer:
         environment = environment_info()
         environment.update({"num_parameters": _num_parameters(model),
                             "argv": self.argv if self.argv is not None else sys.argv})
+        if self.data_change is not None:  # --allow-data-change: the resume says what changed
+            environment["data_changed"] = self.data_change
         path = self.run_dir / ENVIRONMENT_FILE
         if self.resume and path.is_file():  # keep the original; record each resumption
             original = _read_json_file(path)
@@ -413,9 +523,67 @@ class Trainer:
     def _write_metrics(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
+        if self.tensorboard is not None:
+            for key, tag in TENSORBOARD_SCALARS.get(record["kind"], {}).items():
+                self.tensorboard.add_scalar(tag, record[key], global_step=record["step"])
 
 
 # ---------------------------------------------------------------------- helpers
+
+# metrics.jsonl record kind -> {field: TensorBoard tag}, with train.log=tensorboard
+TENSORBOARD_SCALARS = {"train": {"loss": "train/loss", "lr": "train/lr"},
+                       "eval": {"val_bpb": "val/bpb"}}
+
+
+def _tensorboard_writer_class():
+    """torch's SummaryWriter, or a one-line error naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("train.log='tensorboard' is unavailable (the tensorboard package is not "
+                        "installed: pip install tensorboard); allowed: jsonl") from None
+    return SummaryWriter
+
+
+class _InterruptGuard:
+    """Ctrl-C during a run. Outside a training step SIGINT raises KeyboardInterrupt as usual
+    (evaluation and logging change no state a checkpoint holds); inside one it is held until
+    the step has finished, so weights, optimizer and counters are never caught half-updated.
+    A second Ctrl-C within the same step aborts it at once (`aborted`: that step is lost)."""
+
+    def __init__(self):
+        self.in_step = self.pending = self.aborted = False
+        self._previous = None
+
+    def __enter__(self) -> "_InterruptGuard":
+        # only Python's own handler is replaced (signals work in the main thread only)
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.in_step and not self.pending:
+            self.pending = True
+            return
+        self.aborted = self.in_step
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 class _ThreadWatch:
     """Switch torch to one thread when training steps slow down several-fold.
@@ -449,6 +617,24 @@ class _ThreadWatch:
                      f"with {threads} threads (busy machine?); continuing with 1 thread")
             self.times.clear()
             self.reference = None  # re-measure at one thread
+
+
+def copy_shared_init(model: torch.nn.Module, reference_config, seed: int) -> None:
+    """Copy into `model` the initial value of every parameter that a model of
+    `reference_config` built with `seed` has under the same name and shape (embedding,
+    attention, MLP, norms), so variants of a study start from the same weights wherever they
+    agree, whatever they add and in whatever order their modules draw random numbers."""
+    from resstream.model import ResStreamLM
+
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    reference = dict(ResStreamLM(reference_config).named_parameters())
+    torch.set_rng_state(rng_state)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = reference.get(name)
+            if source is not None and source.shape == param.shape:
+                param.copy_(source.to(param.device, param.dtype))
 
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
@@ -532,14 +718,10 @@ def _diff_dotted(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _clear_directory(path: Path) -> None:
-    import shutil
+def _data_identity(manifest: dict) -> dict:
+    """The fields of a data manifest that change whenever the training data does."""
+    return {key: manifest.get(key) for key in DATA_IDENTITY_KEYS}
 
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
 
 
 def _write_json_file(path: Path, data: Any) -> None:
