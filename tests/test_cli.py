@@ -30,7 +30,7 @@ def test_user_error_is_one_line_exit_2(capsys):
 
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "resstream", "duality", "--window", "0"],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=300)  # a loaded machine
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "allowed" in result.stderr
 

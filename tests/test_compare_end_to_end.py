@@ -191,3 +191,28 @@ def test_param_matching_widens_the_baseline(tmp_path):
     assert abs(base - wide) / wide <= 0.02
     assert "mlp_hidden" in plan.matches["baseline"]
     assert plan.configs["baseline"].model["mlp_hidden"] > get_preset("tiny").config().ffn_hidden
+
+
+def test_time_budget_lowers_steps_says_so_and_resumes(study_file, tmp_path, capsys):
+    out = tmp_path / "lowered"
+    assert main(["compare", str(study_file), "--out", str(out), "--no-progress",
+                 "--time-budget", "0.0001"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "--time-budget" in results["time_budget"]
+    assert all(e["steps"] < 4 for e in results["variants"].values())
+    report = (out / "report.md").read_text()
+    assert "Budget lowered by --time-budget" in report.split("## Summary")[0]
+    # resuming keeps the lowered plan (the finished runs are not redone)
+    assert main(["compare", str(study_file), "--out", str(out), "--resume", "--no-progress"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["time_budget"] == results["time_budget"]
+    assert {n: e["val_bpb"] for n, e in again["variants"].items()} == \
+        {n: e["val_bpb"] for n, e in results["variants"].items()}
+
+
+def test_a_full_budget_study_never_lowers_its_steps(study_file, tmp_path):
+    out = tmp_path / "full"
+    assert main(["compare", str(study_file), "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["time_budget"] is None
+    assert {e["steps"] for e in results["variants"].values()} == {4}

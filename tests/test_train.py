@@ -204,22 +204,29 @@ def _subprocess_env(tmp_path: Path, slow: bool) -> dict:
     return env
 
 
-def test_sigkill_and_resume_is_bitwise_exact(corpus_slice, tmp_path):
-    """Kill a run with SIGKILL after its first checkpoint, resume it, and compare the final
-    weights and optimizer state with an uninterrupted run of the same seed, bit for bit."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = subprocess.Popen(_train_cmd(corpus_slice, straight), cwd=tmp_path,
+def _start_reference_and_victim(corpus, tmp_path, straight, victim_dir):
+    """Start an uninterrupted run into `straight` and a slowed one into `victim_dir`; return
+    both processes once the slowed run has written its first checkpoint (step 4)."""
+    reference = subprocess.Popen(_train_cmd(corpus, straight), cwd=tmp_path,
                                  env=_subprocess_env(tmp_path, slow=False),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    victim = subprocess.Popen(_train_cmd(corpus_slice, killed), cwd=tmp_path,
+    victim = subprocess.Popen(_train_cmd(corpus, victim_dir), cwd=tmp_path,
                               env=_subprocess_env(tmp_path, slow=True),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first_checkpoint = killed / "checkpoints" / "step_00000004"
+    first_checkpoint = victim_dir / "checkpoints" / "step_00000004"
     deadline = time.monotonic() + 120
     while not first_checkpoint.exists():
         assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.02)
+    return reference, victim
+
+
+def test_sigkill_and_resume_is_bitwise_exact(corpus_slice, tmp_path):
+    """Kill a run with SIGKILL after its first checkpoint, resume it, and compare the final
+    weights and optimizer state with an uninterrupted run of the same seed, bit for bit."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference, victim = _start_reference_and_victim(corpus_slice, tmp_path, straight, killed)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
@@ -336,42 +343,12 @@ def test_commands_in_docs_parse():
         build_parser().parse_args(shlex.split(line)[1:])
 
 
-def test_thread_watch_drops_to_one_thread_when_steps_slow_down():
-    from resstream.train.trainer import _ThreadWatch
-
-    torch.set_num_threads(2)  # the autouse fixture restores the thread count
-    messages: list[str] = []
-    watch = _ThreadWatch(messages.append)
-    for seconds in (1.0, 0.2, 0.2, 0.2, 0.25, 0.3, 0.2):  # first step slow, then steady
-        watch.observe(seconds)
-    assert torch.get_num_threads() == 2 and not messages
-    for seconds in (2.0, 2.5, 3.0):  # ten times slower: cores are busy
-        watch.observe(seconds)
-    assert torch.get_num_threads() == 1 and "continuing with 1 thread" in messages[0]
-    torch.set_num_threads(2)
-    with_reference = _ThreadWatch(messages.append, reference=0.1)
-    for seconds in (0.5, 0.5, 0.5):
-        with_reference.observe(seconds)
-    assert torch.get_num_threads() == 1
-
-
 def test_ctrl_c_stops_with_a_checkpoint_and_resume_matches_an_uninterrupted_run(corpus_slice,
                                                                                tmp_path):
     """SIGINT mid-run: one line on stderr naming the checkpoint of the last completed step,
     exit code 130; --resume from it ends bitwise equal to a run that was never interrupted."""
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    reference = subprocess.Popen(_train_cmd(corpus_slice, straight), cwd=tmp_path,
-                                 env=_subprocess_env(tmp_path, slow=False),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    victim = subprocess.Popen(_train_cmd(corpus_slice, stopped), cwd=tmp_path,
-                              env=_subprocess_env(tmp_path, slow=True),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first_checkpoint = stopped / "checkpoints" / "step_00000004"
-    deadline = time.monotonic() + 120
-    while not first_checkpoint.exists():
-        assert victim.poll() is None, victim.communicate()[1].decode()[-2000:]
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.02)
+    reference, victim = _start_reference_and_victim(corpus_slice, tmp_path, straight, stopped)
     victim.send_signal(signal.SIGINT)
     _, err = victim.communicate(timeout=120)
     assert victim.returncode == 130, err.decode()[-2000:]

@@ -24,6 +24,7 @@ from resstream.compare import runner
 from resstream.compare.report import read_results, write_report
 from resstream.compare.study import Study, load_study, shipped_studies
 from resstream.errors import UserError
+from resstream.smoke import smoke_cap, smoke_mode
 
 
 def register(subparsers) -> None:
@@ -77,6 +78,8 @@ def run_compare(args: argparse.Namespace) -> int:
                         f"{', '.join(shipped_studies())}")
     study = load_study(args.study)
     _check_flags(args)
+    if smoke_mode() and len(study.seeds) > 2:  # two seeds still exercise the paired statistics
+        study.seeds = study.seeds[:smoke_cap(len(study.seeds), 2, "seeds")]
     out = Path(args.out) if args.out else _new_folder(study.name)
     _check_folder(out, study, args.resume)
     import torch
@@ -85,7 +88,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = runner.plan_study(study, out)
+    saved = _saved_plan(out) if args.resume else None
+    plan = runner.plan_study(study, out, step_scale=saved["step_scale"] if saved else 1.0)
+    if saved:  # the budget the study started with, lowered or not
+        plan.time_budget_note = saved["time_budget"]
     if args.no_progress:
         plan = _without_progress(plan)
     first = next(iter(plan.configs.values()))
@@ -95,7 +101,8 @@ def run_compare(args: argparse.Namespace) -> int:
     say(f"study {study.name!r}: {len(plan.configs)} variants x {len(study.seeds)} seeds = "
         f"{len(plan.runs)} runs into {out}; predicted time about {predicted / 60:.1f} min "
         f"with {torch.get_num_threads()} thread(s)")
-    plan = _apply_time_budget(plan, args, predicted, out, say)
+    if saved is None:
+        plan = _apply_time_budget(plan, args, predicted, out, say)
     out.mkdir(parents=True, exist_ok=True)
     _write_or_check_plan(out, plan, study, args.resume)
     runner.execute_runs(plan, data, say)
@@ -147,6 +154,16 @@ def _check_folder(out: Path, study: Study, resume: bool) -> None:
     if saved.read_text(encoding="utf-8") != study.source_text:
         raise UserError(f"--resume: the study differs from {str(saved)!r}; allowed: the same "
                         "study file that started the folder")
+
+
+def _saved_plan(out: Path) -> dict | None:
+    """plan.json of a study folder being resumed (None before its first run started)."""
+    path = out / runner.PLAN_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved.setdefault("step_scale", 1.0)
+    return saved
 
 
 def _write_or_check_plan(out: Path, plan: runner.Plan, study: Study, resume: bool) -> None:
@@ -209,7 +226,7 @@ def predict_seconds(plan: runner.Plan, data) -> float:
 
 
 def _apply_time_budget(plan: runner.Plan, args, predicted: float, out: Path, say) -> runner.Plan:
-    if args.time_budget is None or predicted <= args.time_budget * 60 or args.resume:
+    if args.time_budget is None or predicted <= args.time_budget * 60:
         return plan
     scale = args.time_budget * 60 / predicted
     lowered = runner.plan_study(plan.study, out, step_scale=scale)

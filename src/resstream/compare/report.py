@@ -103,9 +103,11 @@ def _setup_lines(results: dict) -> str:
 
 
 def summary_table(results: dict) -> list[str]:
+    contexts = " / ".join(str(row["context"]) for row in _first_decode(results))
     header = ("variant", "val bpb (mean, 95% CI)", "delta vs baseline (95% CI)", "p (Holm)",
               "verdict", "params", "MFLOPs/token", "tokens/s (x base)", "train act. MiB (x base)",
-              "decode ms/token", "cache KiB", "stage state /token")
+              f"decode ms/token (ctx {contexts})", f"cache KiB (ctx {contexts})",
+              "stage state /token")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in results["variants"].items():
         systems = entry.get("systems") or {}
@@ -131,6 +133,11 @@ def summary_table(results: dict) -> list[str]:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def _first_decode(results: dict) -> list[dict]:
+    first = next(iter(results["variants"].values()))
+    return (first.get("systems") or {}).get("decode") or []
 
 
 def _reading_lines(results: dict) -> str:

@@ -40,6 +40,7 @@ from resstream.compare.study import Study
 from resstream.errors import UserError
 from resstream.smoke import smoke_cap, smoke_mode
 from resstream.train.config import TrainConfig
+from resstream.train.trainer import read_jsonl
 
 RESULTS_FILE = "results.json"
 PLAN_FILE = "plan.json"
@@ -73,13 +74,14 @@ class Plan:
     configs: dict[str, TrainConfig]  # per variant, seed 0 of the study's seeds
     matches: dict[str, str]  # variant -> what parameter matching changed
     runs: list[PlannedRun]
+    step_scale: float = 1.0  # < 1 when --time-budget lowered every variant's steps
     time_budget_note: str | None = None
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "study": self.study.name,
                 "variants": {name: config.to_dict() for name, config in self.configs.items()},
                 "matches": self.matches, "seeds": self.study.seeds,
-                "time_budget": self.time_budget_note}
+                "step_scale": self.step_scale, "time_budget": self.time_budget_note}
 
 
 # ---------------------------------------------------------------------------- planning
@@ -114,7 +116,7 @@ def plan_study(study: Study, out: Path, step_scale: float = 1.0) -> Plan:
     runs = [PlannedRun(name, seed, configs[name].with_overrides({"train.seed": seed}),
                        out / RUNS_DIR / name / f"seed-{seed}")
             for seed in study.seeds for name in configs]
-    return Plan(study, out, configs, matches, runs)
+    return Plan(study, out, configs, matches, runs, step_scale)
 
 
 def _names(study: Study) -> list[str]:
@@ -183,7 +185,7 @@ def run_status(run: PlannedRun) -> str:
     from resstream.train.trainer import METRICS_FILE
 
     metrics = run.run_dir / METRICS_FILE
-    if metrics.is_file() and any(r.get("kind") == "final" for r in _read_jsonl(metrics)):
+    if metrics.is_file() and any(r.get("kind") == "final" for r in read_jsonl(metrics)):
         return "done"
     if ckpt.latest_checkpoint(run.run_dir) is not None:
         return "partial"
@@ -229,8 +231,6 @@ def collect_results(plan: Plan, data, log: Callable[[str], None],
                     measure_systems: bool = True) -> dict:
     """results.json's content: per-seed finals and curves from the run folders, statistics,
     systems costs and routing weights."""
-    from resstream.train.trainer import environment_info
-
     study = plan.study
     names = list(plan.configs)
     per_variant = {name: _variant_runs(plan, name) for name in names}
@@ -276,9 +276,23 @@ def collect_results(plan: Plan, data, log: Callable[[str], None],
         "time_budget": plan.time_budget_note,
         "smoke": smoke_mode(),
         "data": _data_summary(plan, data),
-        "environment": environment_info(),
+        "environment": training_environment(plan),
         "variants": variants,
     }
+
+
+def training_environment(plan: Plan) -> dict:
+    """The environment and code version that trained the study: the first run's record
+    (`environment.json`, written when it started), not the process collecting the results."""
+    from resstream.train.trainer import ENVIRONMENT_FILE, environment_info
+
+    path = plan.runs[0].run_dir / ENVIRONMENT_FILE
+    if not path.is_file():
+        return environment_info()
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    recorded.pop("resumes", None)
+    recorded.pop("argv", None)
+    return recorded
 
 
 def _variant_runs(plan: Plan, name: str) -> list[dict]:
@@ -286,7 +300,7 @@ def _variant_runs(plan: Plan, name: str) -> list[dict]:
 
     runs = []
     for run in (r for r in plan.runs if r.variant == name):
-        records = _read_jsonl(run.run_dir / METRICS_FILE)
+        records = read_jsonl(run.run_dir / METRICS_FILE)
         final = next((r for r in reversed(records) if r.get("kind") == "final"), None)
         if final is None:
             raise UserError(f"run {str(run.run_dir)!r} has no final record; allowed: a finished "
@@ -414,18 +428,6 @@ def routing_of_variant(plan: Plan, name: str, data) -> dict:
 
 
 # ---------------------------------------------------------------------------- helpers
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return records
-
 
 def write_json(path: Path, data) -> None:
     """Atomic JSON write (temporary file, then rename)."""

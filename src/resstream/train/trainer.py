@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -129,14 +128,13 @@ def batch_for_step(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
 class Trainer:
     """One training run. `Trainer(config, run_dir, ...).run()` trains and returns a TrainResult.
 
-    `data` may be passed in to share prepared tokens between runs (the demo does);
+    `data` may be passed in to share prepared tokens between runs (`resstream compare` does);
     `progress_label` prefixes the progress bar; `log` receives one-line status messages."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, resume: bool = False,
                  overwrite: bool = False, data: PreparedData | None = None,
                  progress_label: str | None = None, log: Callable[[str], None] | None = None,
-                 argv: list[str] | None = None, adaptive_threads: bool = False,
-                 reference_step_seconds: float | None = None, init_like=None,
+                 argv: list[str] | None = None, init_like=None,
                  allow_data_change: bool = False):
         if resume and overwrite:
             raise UserError("--resume and --overwrite exclude each other; allowed: one of them")
@@ -160,10 +158,6 @@ class Trainer:
         # (same name and shape) from the reference's init for the same seed
         self.init_like = init_like
         self.train_clock = 0.0  # training seconds so far, evaluations excluded; survives resume
-        # Demo only (it changes numerics, so exact resume is off): drop to one thread if steps
-        # become several times slower than at the start, the sign of cores taken by other work.
-        self.thread_watch = (_ThreadWatch(self.log, reference_step_seconds)
-                             if adaptive_threads else None)
         self.model_config = config.model_config()
         self.seq_len = config.data.seq_len or self.model_config.max_seq_len
         if self.seq_len > self.model_config.max_seq_len:
@@ -374,8 +368,6 @@ class Trainer:
                 step_seconds = time.perf_counter() - started
                 train_seconds += step_seconds
                 self.train_clock += step_seconds
-                if self.thread_watch is not None:
-                    self.thread_watch.observe(step_seconds)
                 last_loss = loss
                 tokens_per_s = trained_tokens / max(train_seconds, 1e-9)
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -585,40 +577,6 @@ class _InterruptGuard:
             self.pending = False
             raise KeyboardInterrupt
 
-class _ThreadWatch:
-    """Switch torch to one thread when training steps slow down several-fold.
-
-    On a machine whose cores get busy with other work, each multi-threaded kernel waits for its
-    slowest thread, and steps can become ten times slower; one thread then runs much faster.
-    The reference is a step time measured beforehand (the demo's timing run) or else the median
-    of this run's steps 2-4 (step 1 pays one-off costs)."""
-
-    SLOWDOWN = 3.0
-    WINDOW = 3
-
-    def __init__(self, log, reference: float | None = None):
-        self.log = log
-        self.times: list[float] = []
-        self.reference = reference
-
-    def observe(self, seconds: float) -> None:
-        self.times.append(seconds)
-        if self.reference is None:
-            if len(self.times) == 1 + self.WINDOW:
-                self.reference = statistics.median_high(self.times[1:])
-            return
-        if len(self.times) < self.WINDOW:
-            return
-        threads = torch.get_num_threads()
-        recent = statistics.median_high(self.times[-self.WINDOW:])
-        if threads > 1 and recent > self.SLOWDOWN * self.reference:
-            torch.set_num_threads(1)
-            self.log(f"\nwarning: steps slowed from {self.reference:.2f} s to {recent:.2f} s "
-                     f"with {threads} threads (busy machine?); continuing with 1 thread")
-            self.times.clear()
-            self.reference = None  # re-measure at one thread
-
-
 def copy_shared_init(model: torch.nn.Module, reference_config, seed: int) -> None:
     """Copy into `model` the initial value of every parameter that a model of
     `reference_config` built with `seed` has under the same name and shape (embedding,
@@ -683,10 +641,13 @@ def _eval_result(record: dict) -> EvalResult:
 def _read_evals(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [r for r in _read_jsonl(path) if r.get("kind") == "eval"]
+    return [r for r in read_jsonl(path) if r.get("kind") == "eval"]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (none if it does not exist), skipping a line cut short."""
+    if not path.is_file():
+        return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
@@ -700,7 +661,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint being resumed from (they will be redone)."""
     if not path.exists():
         return
-    kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= step and r.get("kind") != "final"]
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step and r.get("kind") != "final"]
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(temporary, path)
