@@ -24,8 +24,13 @@ def smoke_cap(value, limit, what: str):
     announces the cap once on stderr."""
     if not smoke_mode() or (value is not None and value <= limit):
         return value
-    print(f"smoke mode ({SMOKE_ENV}): {what} capped at {limit}", file=sys.stderr)
+    if what not in _ANNOUNCED:
+        _ANNOUNCED.add(what)
+        print(f"smoke mode ({SMOKE_ENV}): {what} capped at {limit}", file=sys.stderr)
     return limit
+
+
+_ANNOUNCED: set[str] = set()  # caps already announced by this process
 
 
 def smoke_args(args, what: str, **values) -> None:

@@ -96,7 +96,8 @@ def run_compare(args: argparse.Namespace) -> int:
         plan = _without_progress(plan)
     first = next(iter(plan.configs.values()))
     data = prepare_data(first.data.source, first.data.cache_dir)
-    predicted = predict_seconds(plan, data)
+    # smoke mode times nothing: its prediction would cost as much as its runs
+    predicted = 0.0 if smoke_mode() else predict_seconds(plan, data)
     say = runner.log_to_stderr
     say(f"study {study.name!r}: {len(plan.configs)} variants x {len(study.seeds)} seeds = "
         f"{len(plan.runs)} runs into {out}; predicted time about {predicted / 60:.1f} min "

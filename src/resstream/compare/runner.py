@@ -382,7 +382,8 @@ def measure_decode(model, study: Study, model_config) -> list[dict]:
     rows = []
     for context in decode_contexts(study, model_config):
         cache = filled_cache(model, 1, context)
-        times = [time_steps(model, token, cache, context, steps) for _ in range(5)]
+        repeats = smoke_cap(5, 1, "decode repeats")
+        times = [time_steps(model, token, cache, context, steps) for _ in range(repeats)]
         rows.append({"context": context, "ms_per_token": 1e3 * statistics.median(times),
                      "cache_bytes": cache_bytes_at(model, context)})
     return rows
