@@ -124,8 +124,8 @@ def _names(study: Study) -> list[str]:
 
 
 def _variant_values(study: Study, variant) -> dict:
+    """The variant's train config as plain data, with the study's evaluation defaults."""
     values = study.train_values(variant)
-    data = values.setdefault("data", {})
     for key in ("source", "cache_dir"):
         if key in (variant.overrides.get("data") or {}):
             raise UserError(f"variants.{variant.name}.data.{key} is invalid: every variant "
@@ -137,7 +137,6 @@ def _variant_values(study: Study, variant) -> dict:
         train["eval_tokens"] = smoke_cap(train.get("eval_tokens"), 256, "eval tokens")
         train["final_eval_tokens"] = smoke_cap(train.get("final_eval_tokens"), 256,
                                                "final eval tokens")
-    del data  # the shared data section is used as given
     return values
 
 
@@ -227,8 +226,7 @@ def _eta(elapsed: float, trained: int, total: int) -> str:
 
 # ---------------------------------------------------------------------------- collecting
 
-def collect_results(plan: Plan, data, log: Callable[[str], None],
-                    measure_systems: bool = True) -> dict:
+def collect_results(plan: Plan, data, log: Callable[[str], None]) -> dict:
     """results.json's content: per-seed finals and curves from the run folders, statistics,
     systems costs and routing weights."""
     study = plan.study
@@ -256,14 +254,13 @@ def collect_results(plan: Plan, data, log: Callable[[str], None],
             "runs": per_variant[name],
         }
         variants[name] = entry
-    if measure_systems:
-        log("study: measuring systems costs (training memory, decode latency, cache)")
-        for name in names:
-            variants[name]["systems"] = measure_variant_systems(plan, name, data, per_variant)
-        _add_ratios(variants, study.baseline)
-        log("study: reading routing weights from the trained models")
-        for name in names:
-            variants[name]["routing"] = routing_of_variant(plan, name, data)
+    log("study: measuring systems costs (training memory, decode latency, cache)")
+    for name in names:
+        variants[name]["systems"] = measure_variant_systems(plan, name, data, per_variant)
+    _add_ratios(variants, study.baseline)
+    log("study: reading routing weights from the trained models")
+    for name in names:
+        variants[name]["routing"] = routing_of_variant(plan, name, data)
     return {
         "format": FORMAT,
         "study": {"name": study.name, "description": study.description,
