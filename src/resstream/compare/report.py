@@ -260,6 +260,9 @@ def plot_curves(results: dict, path: Path) -> Path:
         margin = 0.06 * (high - low + 1e-3)
         for axis in axes:
             axis.set_ylim(low - margin, high + margin)
+    from matplotlib.ticker import EngFormatter
+
+    axes[0].xaxis.set_major_formatter(EngFormatter())  # 200k, 1M: no colliding long labels
     axes[0].set_xlabel("training tokens")
     axes[1].set_xlabel("training time (s, evaluation excluded)")
     for axis in axes:
