@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run_compare)
     demo = subparsers.add_parser("demo", help="the main job: `resstream compare demo`")
     _add_run_flags(demo)
-    demo.set_defaults(func=run_demo, study="demo", list=False)
+    demo.set_defaults(func=run_compare, study="demo", list=False)
     report = subparsers.add_parser("report", help="write a study's report.md and figures again "
                                                   "from its results.json (no training)")
     report.add_argument("dir", help="a study folder written by `resstream compare`")
@@ -62,10 +62,6 @@ def _epilog() -> str:
         return "shipped studies: " + ", ".join(shipped_studies())
     except OSError:
         return ""
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    return run_compare(args)
 
 
 def run_compare(args: argparse.Namespace) -> int:
