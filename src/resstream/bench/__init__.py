@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("attention", "operators", "decode")
+BENCHMARKS = ("attention", "operators", "decode", "pipeline")
 
 
 def register(subparsers) -> None:

@@ -396,6 +396,39 @@ class PseudoQueryReads(DepthOperator):
         has weight 1 and no parameters, and is left out)."""
         return depth_attention_result(recorder, normalised=True)
 
+    # ---------------------------------------------------------------- pipeline stages
+    def keeps_total(self) -> bool:
+        """Whether the state carries the plain running sum `total` (inactive reads use it)."""
+        return self.n_inactive > 0
+
+    def stage_state(self, state: AttnResState, layer: int) -> tuple[Tensor, ...]:
+        """The sources (the embedding, then the completed blocks) and the running partial.
+        Not sent: the sources' logits, the phase buffer and phase statistics (recomputed from
+        the sources and the pseudo-queries) and `total`, which is the sum of the sources and
+        the partial. Without any pseudo-query nothing is kept as a source: the embedding and
+        `total` are sent instead."""
+        if state.sources.queries is None:
+            return state.embedding, state.total
+        sources = state.sources.settled + state.sources.recent
+        return (*(value for value, _ in sources), state.partial)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> AttnResState:
+        if not self.column:
+            embedding, total = tensors
+            sources = DepthSources(embedding.dtype, embedding.device.type, None)
+            return AttnResState(sources, embedding, None, total)
+        *values, partial = tensors
+        state = self._new_state(values[0], keep_total=self.keeps_total())
+        for value in values:
+            self._append(state.sources, value)
+        state.partial = partial
+        if state.total is not None:
+            state.total = sum(values[1:], values[0]) + partial
+        n_sites = sum(1 for s in self.sites if s.layer <= layer)
+        if n_sites % self.phase_length:  # mid-phase: this phase's statistics over all sources
+            self._start_phase(state.sources, n_sites // self.phase_length)
+        return state
+
     # ---------------------------------------------------------------- accounting
     def _sources_after(self, n_sites: int) -> int:
         """Completed blocks (embedding included) plus the partial after n_sites sublayers."""
@@ -537,7 +570,11 @@ class BlockAttnResBase(PseudoQueryReads):
         return self.depth_state_vectors() * (self.d_model + 1)
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        """`stage_state`: the sources and the partial (the plain sum kept for inactive blocks
+        is recomputed from them)."""
         n_sites = sum(1 for s in self.sites if s.layer <= layer)
+        if not self.column:
+            return "embedding + plain sum (no learned read)", 2
         if self.block_size == 1:
             return "embedding + every sublayer output so far (s+1)", self._sources_after(n_sites)
         return ("embedding + completed blocks + partial (floor((s-1)/S)+2)",

@@ -22,6 +22,7 @@ behaves as standard addition (operators decide what that means for their state a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -149,6 +150,38 @@ def add_to_stream_and_views(state: Any, site: Site, out: Tensor) -> None:
         state.views = None
 
 
+def flatten_state(state: Any, skip: frozenset[str] = frozenset()) -> tuple[list[Tensor], Any]:
+    """(tensors, rebuild): every distinct tensor of a depth state (by identity: aliases once),
+    in a fixed walk order, and `rebuild(tensors)`, which makes a new state of the same
+    structure around other tensors. The walk enters tensors, dataclasses (fields named in
+    `skip` become None), lists, tuples and dicts; any other value is kept as it is."""
+    tensors: list[Tensor] = []
+    slots: dict[int, int] = {}
+
+    def walk(value):  # -> a function of the new tensors giving the new value
+        if isinstance(value, Tensor):
+            slot = slots.setdefault(id(value), len(tensors))
+            if slot == len(tensors):
+                tensors.append(value)
+            return lambda new: new[slot]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            parts = {f.name: (lambda new: None) if f.name in skip else walk(getattr(value, f.name))
+                     for f in dataclasses.fields(value) if f.init}
+            kind = type(value)
+            return lambda new: kind(**{name: part(new) for name, part in parts.items()})
+        if isinstance(value, (list, tuple)):
+            items, kind = [walk(item) for item in value], type(value)
+            if hasattr(value, "_fields"):  # a NamedTuple
+                return lambda new: kind(*(item(new) for item in items))
+            return lambda new: kind(item(new) for item in items)
+        if isinstance(value, dict):
+            entries = {key: walk(item) for key, item in value.items()}
+            return lambda new: {key: entry(new) for key, entry in entries.items()}
+        return lambda new: value
+
+    return tensors, walk(state)
+
+
 def build_sites(n_layers: int, kinds_per_block: tuple[str, ...]) -> list[Site]:
     sites = []
     for layer in range(n_layers):
@@ -235,8 +268,64 @@ class DepthOperator(nn.Module):
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         """(formula, value): d-vectors per token that must cross a pipeline-stage boundary
-        placed after block `layer` (0-based)."""
+        placed after block `layer` (0-based): what `stage_state(state, layer)` sends, counted
+        as its elements per token over d (tests/test_pipeline.py measures it at the send)."""
         return "1", 1
+
+    # ---------------------------------------------------------------- pipeline stages
+    # A pipeline split after block `layer` sends the operator's state to the next stage as a
+    # tuple of tensors (torch.distributed.pipelining sends tensors only, between adjacent
+    # stages). The default flattens the state generically: a tensor, or a dataclass whose
+    # fields are tensors, lists / dicts of them, None or plain values; every distinct tensor
+    # (aliases sent once) except the fields `stage_transient(layer)` names, which the next
+    # read recomputes. The receiving stage rebuilds the state's structure by running this
+    # operator's own hooks on a two-token dummy through the blocks before the boundary (once
+    # per boundary and dtype) and puts the received tensors in place of the dummy's.
+    # Every stage tensor has the batch and token axes first ([B, T, ...]; [B*T, ...] after the
+    # first is allowed) and counts its elements per token: `pipeline_payload` is that over d.
+
+    def stage_transient(self, layer: int) -> frozenset[str]:
+        """State fields not sent across a boundary after block `layer` (the receiver gets
+        None there): scratch of the last sublayer or values the next read recomputes."""
+        return frozenset()
+
+    def stage_state(self, state: Any, layer: int) -> tuple[Tensor, ...]:
+        """The tensors that cross a pipeline-stage boundary placed after block `layer`."""
+        tensors, _ = flatten_state(state, self.stage_transient(layer))
+        return tuple(tensors)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> Any:
+        """The state rebuilt on the stage after the boundary from `stage_state`'s tensors."""
+        like = tensors[0]
+        key = (layer, like.dtype, like.device, torch.is_autocast_enabled(like.device.type))
+        skeletons = self.__dict__.setdefault("_stage_skeletons", {})
+        if key not in skeletons:
+            skeletons[key] = self._dummy_skeleton(layer, like)
+        tensor_count, rebuild = skeletons[key]
+        if len(tensors) != tensor_count:
+            raise RuntimeError(f"depth operator {self.name!r} received {len(tensors)} stage "
+                               f"tensors after block {layer}; its state holds {tensor_count}")
+        return rebuild(tensors)
+
+    def _dummy_skeleton(self, layer: int, like: Tensor):
+        """(tensor count, rebuild) of the state after block `layer`, from a dummy forward of
+        this operator alone: two tokens (not a decode step), identity norms, zero sublayers."""
+        from resstream.cache import ForwardContext  # (resstream.cache does not import us)
+
+        shape = (1, 2, self.d_model)
+        ctx = ForwardContext(torch.arange(2, device=like.device))
+        generator = torch.Generator().manual_seed(0)
+        x0 = torch.randn(shape, generator=generator).to(like.device, like.dtype)
+        identity = nn.Identity()
+        with torch.no_grad():
+            state = self.init_state(x0, ctx)
+            for site in self.sites:
+                if site.layer > layer:
+                    break
+                self.read(state, site, identity, ctx)
+                state = self.write(state, site, torch.zeros_like(x0), ctx)
+            tensors, rebuild = flatten_state(state, self.stage_transient(layer))
+        return len(tensors), rebuild
 
     def forward_macs_per_token(self, seq_len: int) -> int:
         """Forward multiply-adds (MACs) per token of the depth mixing itself, for the whole model:

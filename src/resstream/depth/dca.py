@@ -238,9 +238,27 @@ class DeepCrossAttention(DepthOperator):
     def depth_state_vectors(self) -> int:
         return self._n_entries(self.n_layers)
 
+    # ---------------------------------------------------------------- pipeline stages
+    def _grn_read_after(self, layer: int) -> bool:
+        return any(self.is_active(t) for t in range(layer + 1, self.n_layers)) or self.final_active
+
+    def stage_transient(self, layer: int) -> frozenset[str]:
+        """The block's stream, views and delta: the next block's read rebuilds them (the delta
+        is also the last stack entry)."""
+        return frozenset({"stream", "views", "delta"})
+
+    def stage_state(self, state: DCAState, layer: int) -> tuple[Tensor, ...]:
+        if not self._grn_read_after(layer):  # only plain sums follow
+            return (state.plain_sum(),)
+        return super().stage_state(state, layer)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> DCAState:
+        if not self._grn_read_after(layer):
+            return DCAState(head=tensors[0])
+        return super().from_stage_state(tensors, layer)
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
-        later = any(self.is_active(t) for t in range(layer + 1, self.n_layers)) or self.final_active
-        if not later:
+        if not self._grn_read_after(layer):
             return "1 (the plain sum; no GRN read follows)", 1
         n = self._n_entries(layer + 1)
         return ("l+2 stack entries" if self.options.k is None else "min(k, l+1)+1 stack entries"), n

@@ -141,12 +141,19 @@ class DeltaAttnRes(PseudoQueryReads):
     def depth_state_vectors(self) -> int:
         return self._sources_after(len(self.sites)) + 1  # sources and x
 
+    def keeps_total(self) -> bool:
+        return True  # x, the cumulative residual
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
+        """`stage_state`: the sources and the running block sum; x is not sent, the receiver
+        recomputes it as their sum (x = embedding + every delta)."""
         n_sites = sum(1 for s in self.sites if s.layer <= layer)
-        formula = ("x + embedding + every sublayer output so far (s+2)" if self.block_size == 1
-                   else "x + embedding + completed block deltas + running block sum "
-                        "(floor((s-1)/S)+3)")
-        return formula, self._sources_after(n_sites) + 1
+        if not self.column:
+            return "embedding + x (no learned read)", 2
+        formula = ("embedding + every sublayer output so far (s+1)" if self.block_size == 1
+                   else "embedding + completed block deltas + running block sum "
+                        "(floor((s-1)/S)+2)")
+        return formula, self._sources_after(n_sites)
 
     def forward_macs_per_token(self, seq_len: int) -> int:
         """Per read with a pseudo-query over m sources (the embedding and the deltas completed

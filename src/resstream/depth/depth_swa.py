@@ -324,12 +324,37 @@ class DepthSWA(DepthOperator):
         per_state = 3 if self.options.shared else 1
         return per_state * self.window_states + 1
 
+    # ---------------------------------------------------------------- pipeline stages
+    def _kept_across(self, layer: int) -> int:
+        """Earlier states a later read still sees after block `layer`: every state read so far
+        (r), or the last K-1 of them (the next read adds the current state to its window)."""
+        read = sum(1 for s in self.sites if s.index in self.reads and s.layer <= layer)
+        return read if self.window is None else min(self.window - 1, read)
+
+    def stage_state(self, state: DepthState, layer: int) -> tuple[Tensor, ...]:
+        """The stream h and, for each state a later read still sees, its key and value (shared
+        module: they were projected once, when it was read) or its normalised state (one
+        module per read: every read projects the window with its own W_K, W_V)."""
+        m = self._kept_across(layer)
+        if self.options.shared:
+            return (state.h, *state.keys[len(state.keys) - m:], *state.values[len(state.values) - m:])
+        return (state.h, *state.normed[len(state.normed) - m:])
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> DepthState:
+        h, *kept = tensors
+        if self.options.shared:
+            m = len(kept) // 2
+            return DepthState(h, keys=kept[:m], values=kept[m:])
+        return DepthState(h, normed=kept)
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
-        # states after block `layer`: every state read so far plus the current stream
-        n_states = sum(1 for s in self.sites if s.index in self.reads and s.layer <= layer) + 1
-        if self.window is None:
-            return "all depth states so far (l+2 at block granularity)", n_states
-        return "min(K, l+2) at block granularity", min(self.window, n_states)
+        """`stage_state`: with r states read so far (l+1 at block granularity), the stream plus
+        per kept state its key and value (shared) or its normalised state (not shared)."""
+        m = self._kept_across(layer)
+        kept = "r" if self.window is None else "min(K-1, r)"
+        if self.options.shared:
+            return f"1 + 2 {kept} (stream; keys and values of the kept states)", 1 + 2 * m
+        return f"1 + {kept} (stream; normalised kept states)", 1 + m
 
     def forward_macs_per_token(self, seq_len: int) -> int:
         """Per read i (0-based; K_i = min(K, i+1) states in its window): RMSNorm of the new

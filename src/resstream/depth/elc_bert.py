@@ -175,6 +175,21 @@ class ELCBert(DepthOperator):
         active = [l for l in range(1, self.n_layers) if self.is_active(l)]
         return max(active) + 1 if active else 1
 
+    # ---------------------------------------------------------------- pipeline stages
+    def stage_transient(self, layer: int) -> frozenset[str]:
+        """The block input and the block's delta: the next block recomputes them."""
+        return frozenset({"block_input", "delta"})
+
+    def stage_state(self, state: ELCState, layer: int) -> tuple[Tensor, ...]:
+        if not self._learned_read_after(layer):  # only plain sums follow
+            return (plain_sum(state.sources),)
+        return super().stage_state(state, layer)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> ELCState:
+        if not self._learned_read_after(layer):
+            return ELCState(sources=[tensors[0]])
+        return super().from_stage_state(tensors, layer)
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         if self._learned_read_after(layer):
             return "l+2 (embedding and every block output so far)", layer + 2

@@ -403,6 +403,11 @@ class HyperConnections(DepthOperator):
     def depth_state_vectors(self) -> int:
         return self.n
 
+    def stage_transient(self, layer: int) -> frozenset[str]:
+        """The coefficient tables (derived from the weights: each stage builds its own) and
+        the last read's scratch (None after a write)."""
+        return frozenset({"tables", "residual", "write"})
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         return "n (streams)", self.n
 

@@ -344,6 +344,10 @@ class MUDD(DepthOperator):
     def _after_block(self, state: MUDDState, layer: int) -> None:
         if self.last_da >= layer:  # a DA from here on reads this output
             state.sources.append(state.stream)
+        self._aggregate(state, layer)
+
+    def _aggregate(self, state: MUDDState, layer: int) -> None:
+        """The DA after block `layer` (if any): the next block's streams from the sources."""
         aggregate = self.das[str(layer)] if str(layer) in self.das else None
         if aggregate is None:  # the next block reads the plain residual X_i for every stream
             state.views = None
@@ -380,9 +384,33 @@ class MUDD(DepthOperator):
         # all block outputs up to the last DA, plus the four streams in flight
         return (self.last_da + 2 + STREAMS) if self.last_da >= 0 else 1
 
+    # ---------------------------------------------------------------- pipeline stages
+    def stage_state(self, state: MUDDState, layer: int) -> tuple[Tensor, ...]:
+        """The sources X_0..X_{l+1} while a DA reads them (the DA after block l included: the
+        next stage recomputes it from them instead of receiving its four streams), else the
+        stream. Sources an earlier DA has read are sent as one [B, T, n, d] slice of the last
+        DA's carrier (the source buffer, whose gradient reaches them through the DA chain)."""
+        sources = state.sources
+        if self.last_da < layer:
+            return (state.stream,)
+        read = sources.count - len(sources.pending)
+        carried = (sources.carrier[:, :, :read],) if read else ()
+        return (*carried, *sources.pending)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> MUDDState:
+        sources = SourceStack(self.n_layers + 1)
+        if self.last_da < layer:
+            return MUDDState(sources=sources, stream=tensors[0])
+        for tensor in tensors:
+            for x in tensor.unbind(2) if tensor.dim() == 4 else (tensor,):
+                sources.append(x)
+        state = MUDDState(sources=sources, stream=sources.last)
+        self._aggregate(state, layer)
+        return state
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
-        if any(int(i) > layer for i in self.das):
-            return "l+2 block outputs (the DA weights come from X_{l+1}, recomputable)", layer + 2
+        if self.last_da >= layer:
+            return "l+2 block outputs (the DA after block l is recomputed from them)", layer + 2
         return "1 (no DA follows)", 1
 
     def forward_macs_per_token(self, seq_len: int) -> int:

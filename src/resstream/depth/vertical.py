@@ -150,10 +150,37 @@ class Vertical(DepthOperator):
         # the normalised sources of the last learned read, plus the running stream
         return max(self.last_active + 1, 0) + 1
 
+    # ---------------------------------------------------------------- pipeline stages
+    def _live_after(self, layer: int) -> tuple[bool, bool, bool]:
+        """Which state a boundary after block `layer` must carry: (the normalised sources, the
+        previous block output, the plain sum). The sources while a learned read follows; the
+        previous output only if the next block reads it (inactive with cumulative sources, or
+        active with keep_residual; the next block's output replaces it); the plain sum of
+        deltas while an inactive block follows with delta sources."""
+        following = range(layer + 1, self.n_layers)
+        nxt = layer + 1
+        sources = self.last_active > layer
+        previous = (self.options.keep_residual if self.is_active(nxt)
+                    else not self.delta_sources)
+        plain = self.delta_sources and any(not self.is_active(m) for m in following)
+        return sources, previous, plain
+
+    def stage_transient(self, layer: int) -> frozenset[str]:
+        sources, previous, plain = self._live_after(layer)
+        dead = {"block_input", "delta"}  # recomputed by the next block
+        dead |= set() if sources else {"normed"}
+        dead |= set() if previous else {"previous_output"}
+        dead |= set() if plain else {"plain_sum"}
+        return frozenset(dead)
+
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
-        if self.last_active > layer:
-            return "l+2 normalised sources + the stream (l+3)", layer + 3
-        return "1 (no learned read follows)", 1
+        sources, previous, plain = self._live_after(layer)
+        value = (layer + 2 if sources else 0) + previous + plain
+        if sources and not previous and not plain:
+            return "l+2 normalised sources (the next block reads only them)", value
+        return ("l+2 normalised sources while a learned read follows, + the previous output "
+                "if the next block reads it, + the plain sum if an inactive block follows "
+                "(delta sources)"), value
 
     def forward_macs_per_token(self, seq_len: int) -> int:
         """The weighted read of every active block l >= 1 over its l+1 normalised sources,
