@@ -213,12 +213,19 @@ def run_command(command: Command, cwd: Path, data_cache: Path) -> None:
     elif command.text in ALLOWED:
         pytest.skip(f"allow-listed: {ALLOWED[command.text]}")
     elif not (words[0] == "resstream" or words[:3] in (["python", "-m", "resstream"],
-                                                       ["python3", "-m", "resstream"])):
+                                                       ["python3", "-m", "resstream"])
+              or _is_torchrun_of_resstream(words)):
         pytest.fail(f"`{command.text}` ({command.doc}) is a kind of command this test does not "
                     "know how to run: handle it in tests/test_doc_commands.py or add it to "
                     "ALLOWED with the reason it cannot run here")
     _xfail_if_compare_missing(text)
     _check(_run(text, cwd, env, COMMAND_TIMEOUT_S), text, command.expected)
+
+
+def _is_torchrun_of_resstream(words: list[str]) -> bool:
+    """`torchrun ... -m resstream ...` (docs/distributed.md): run as written, on CPU with gloo."""
+    return words[0] == "torchrun" and any(words[i:i + 2] == ["-m", "resstream"]
+                                          for i in range(len(words)))
 
 
 @dataclass

@@ -121,6 +121,15 @@ class Block(nn.Module):
     def sublayers(self) -> list[nn.Module]:
         return [getattr(self, kind) for kind in self.site_kinds]
 
+    def forward(self, depth: nn.Module, state, ctx):
+        """Run this block's sublayers around the depth operator's read and write; returns the
+        operator's state. A module call (not a loop in the model) so that wrappers that act per
+        block, such as FSDP2's `fully_shard`, see one forward per block."""
+        for site, sublayer in zip(self.sites, self.sublayers()):
+            x = depth.read(state, site, sublayer.norm, ctx)
+            state = depth.write(state, site, sublayer(x, ctx), ctx)
+        return state
+
     def mixer_slots(self) -> dict[str, nn.Module]:
         """The local-mixer modules of this block by slot (mixers/base.py SLOTS), filled ones only."""
         attn = getattr(self, "attn", None)  # absent when a mixer replaces global attention
@@ -189,9 +198,7 @@ class ResStreamLM(nn.Module):
         """The depth operator's final stream (before the final norm), [B, T, d]."""
         state = self.depth.init_state(self.embed(input_ids), ctx)
         for block in self.blocks:
-            for site, sublayer in zip(block.sites, block.sublayers()):
-                x = self.depth.read(state, site, sublayer.norm, ctx)
-                state = self.depth.write(state, site, sublayer(x, ctx), ctx)
+            state = block(self.depth, state, ctx)
         return self.depth.finalize(state, ctx)
 
     def forward(self, input_ids: Tensor, cache: ModelCache | None = None) -> Tensor:

@@ -2,12 +2,19 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step_<8 digits>/`` holding
 
-* ``model.safetensors``      the model weights (`safetensors.torch.save_model`, so tied
-  embeddings are stored once);
-* ``optimizer.safetensors``  every tensor of the optimizer state, keyed ``state.<param>.<name>``;
+* ``model.safetensors``      the full (unsharded) model weights by parameter name; a tied
+  parameter is stored once, under its first name (as `safetensors.torch.save_model` does);
+* ``optimizer.safetensors``  every tensor of the optimizer state, keyed
+  ``state.<parameter name>.<name>`` (format 2; format 1 keyed by the parameter's index in the
+  optimizer, which breaks as soon as the parameter order changes, and is still read);
 * ``trainer_state.json``     step, tokens seen, data position, RNG states (python, numpy, torch,
   cuda), the optimizer's non-tensor state and param groups, the model and train configs, and
   the sha256 of both safetensors files.
+
+Both state dicts come from `torch.distributed.checkpoint.state_dict` (`gather_training_state`),
+which gathers them whole from a DDP or FSDP2 run, so one format serves a single process, any
+number of data-parallel processes, a resume on another number of processes and inference in one
+process (`load_training_state` scatters them back).
 
 Writes are atomic: the folder is written under a temporary name, flushed, and renamed into place,
 so a run killed at any moment leaves only complete checkpoints (a half-written temporary folder
@@ -40,7 +47,7 @@ CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
-FORMAT = 1
+FORMAT = 2  # 2: optimizer state keyed by parameter name; 1: by index
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -60,21 +67,38 @@ class LoadedCheckpoint:
 
 # ---------------------------------------------------------------------------- save
 
+def gather_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                          ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Full model and optimizer state dicts on the CPU, keyed by parameter name, gathered from
+    a plain, DDP or FSDP2 model. A collective under FSDP2: every rank calls it, and only rank 0
+    receives the tensors (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
+    return get_state_dict(model, optimizer, options=options)
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    keep: int) -> Path:
+                    keep: int, gathered: tuple[dict, dict] | None = None) -> Path:
     """Write the checkpoint for `step` atomically and prune to the last `keep` checkpoints.
 
     `state` is the trainer's JSON-able state (step, tokens, configs, ...); RNG states, the
-    optimizer's JSON part and file hashes are added here."""
+    optimizer's JSON part and file hashes are added here. `gathered`: the result of
+    `gather_training_state`, when the caller gathered it already (a distributed run gathers on
+    every rank, then rank 0 writes)."""
+    model_state, optimizer_state = gathered or gather_training_state(model, optimizer)
     root = Path(run_dir) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
-    final = root / f"step_{step:08d}"
+    final = checkpoint_path(run_dir, step)
     temporary = root / f".tmp-step_{step:08d}-{os.getpid()}"
     temporary.mkdir()
-    save_model(model, str(temporary / MODEL_FILE))
-    optimizer_tensors, optimizer_json = flatten_optimizer_state(optimizer.state_dict())
+    tied = tied_parameter_names(model)
+    save_file({name: tensor.detach().contiguous() for name, tensor in model_state.items()
+               if name not in tied}, str(temporary / MODEL_FILE), metadata={"format": "pt"})
+    optimizer_tensors, optimizer_json = flatten_optimizer_state(optimizer_state)
     save_file(optimizer_tensors, str(temporary / OPTIMIZER_FILE))
     full_state = {
         **state,
@@ -95,6 +119,21 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     return final
 
 
+def tied_parameter_names(model: torch.nn.Module) -> dict[str, str]:
+    """{later name: first name} of parameters registered under more than one name (a tied LM
+    head), found by identity, so it holds for plain, DDP-wrapped and FSDP2 models alike."""
+    from resstream.parallel.data_parallel import unwrap
+
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, param in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return tied
+
+
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the `keep` newest checkpoints under `root`."""
     for old in list_checkpoints(root.parent)[:-keep]:
@@ -108,6 +147,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
     return sorted(found, key=lambda p: p.name)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (or will)."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -162,6 +206,7 @@ def read_checkpoint(path: str | Path, verify: bool = True) -> LoadedCheckpoint:
 
 
 def load_model_weights(checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> None:
+    """The checkpoint's weights into a plain (single-process) model."""
     file = checkpoint.path / MODEL_FILE
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
@@ -173,32 +218,72 @@ def load_model_weights(checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> 
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def load_optimizer_state(checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optimizer) -> None:
-    file = checkpoint.path / OPTIMIZER_FILE
+def load_training_state(checkpoint: LoadedCheckpoint, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+    """Weights and optimizer state from the checkpoint into a plain, DDP or FSDP2 model and its
+    optimizer (every rank reads the files; `set_state_dict` keeps each rank's shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_state = _read_tensors(checkpoint.path / MODEL_FILE)
+    for name, first in tied_parameter_names(model).items():
+        if first in model_state:
+            model_state.setdefault(name, model_state[first])
+    optimizer_file = checkpoint.path / OPTIMIZER_FILE
+    tensors, json_part = _read_tensors(optimizer_file), checkpoint.state["optimizer"]
+    if int(checkpoint.state.get("format", 1)) < 2:
+        tensors, json_part = _names_for_indices(tensors, json_part, optimizer, model)
+    optimizer_state = unflatten_optimizer_state(tensors, json_part)
     try:
-        tensors = load_file(str(file))
+        set_state_dict(model, optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {str(checkpoint.path)!r} does not fit the model and "
+                              f"optimizer: {_first_line(error)}") from None
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"checkpoint file {str(file)!r} cannot be read: "
                               f"{_first_line(error)}") from None
-    try:
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, checkpoint.state["optimizer"]))
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint file {str(file)!r} does not fit the optimizer: "
-                              f"{_first_line(error)}") from None
+
+
+def _parameter_names_in_order(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list:
+    """The optimizer's parameters' names, in the order a format-1 checkpoint numbered them."""
+    from resstream.parallel.data_parallel import unwrap
+
+    names = {id(param): name for name, param in unwrap(model).named_parameters()}
+    return [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+
+
+def _names_for_indices(tensors: dict, json_part: dict, optimizer, model) -> tuple[dict, dict]:
+    """A format-1 optimizer state (keyed by index) keyed by parameter name instead."""
+    order = _parameter_names_in_order(optimizer, model)
+    renamed = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        renamed[f"state.{order[int(index)]}.{name}"] = value
+    groups = [{**group, "params": [order[int(index)] for index in group["params"]]}
+              for group in json_part["param_groups"]]
+    scalars = {order[int(index)]: values for index, values in json_part.get("scalars", {}).items()}
+    return renamed, {**json_part, "param_groups": groups, "scalars": scalars}
 
 
 # ---------------------------------------------------------------------------- optimizer state
 
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into safetensors-ready tensors and JSON-able rest."""
+    """Split an optimizer state_dict keyed by parameter name (`get_state_dict`'s) into
+    safetensors-ready tensors (``state.<parameter>.<name>``) and the JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for param_id, param_state in state_dict["state"].items():
+    for param, param_state in state_dict["state"].items():
         for name, value in param_state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{param_id}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"state.{param}.{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars.setdefault(str(param_id), {})[name] = value
+                scalars.setdefault(str(param), {})[name] = value
     groups = [{key: (list(value) if isinstance(value, tuple) else value)
                for key, value in group.items()} for group in state_dict["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars,
@@ -207,12 +292,14 @@ def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], 
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], json_part: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
+    """The inverse of `flatten_optimizer_state` (a state name never holds a dot; a parameter
+    name does)."""
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = value
-    for param_id, values in json_part.get("scalars", {}).items():
-        state.setdefault(int(param_id), {}).update(values)
+        param, name = key[len("state."):].rsplit(".", 1)
+        state.setdefault(param, {})[name] = value
+    for param, values in json_part.get("scalars", {}).items():
+        state.setdefault(param, {}).update(values)
     tuple_keys = set(json_part.get("tuple_keys", []))
     groups = [{key: (tuple(value) if key in tuple_keys else value) for key, value in group.items()}
               for group in json_part["param_groups"]]

@@ -3,11 +3,13 @@
     resstream train [--config FILE] [--preset NAME] [--data SOURCE] [--out DIR] [--steps N]
                     [--seed N] [--resume | --overwrite] [--no-progress] [--SECTION.KEY=VALUE ...]
     resstream presets
+    resstream export RUN --out DIR
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ _OVERRIDE = re.compile(r"^--[A-Za-z_][A-Za-z0-9_-]*\.[A-Za-z0-9_.-]+(=.*)?$", re
 def register(subparsers) -> None:
     _register_train(subparsers)
     _register_presets(subparsers)
+    _register_export(subparsers)
 
 
 # ---------------------------------------------------------------------------- train
@@ -158,6 +161,8 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite,
                       allow_data_change=args.allow_data_change)
     result = trainer.run()
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: rank 0 speaks for the run
+        return 0
     final = result.final_eval
     summary = f"done: {result.step} steps, {result.tokens:,} tokens"
     if final is not None:
@@ -206,3 +211,31 @@ def _count_parameters(model_cls, config, torch) -> int:
             return model_cls(config).num_parameters()
     except Exception:  # noqa: BLE001 - any meta-device limitation: count for real
         return model_cls(config).num_parameters()
+
+
+# ---------------------------------------------------------------------------- export
+
+def _register_export(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write a run's weights as one model folder for inference",
+        description="Gather the newest checkpoint of a run (or a checkpoints/step_N folder), "
+                    "whatever number of processes trained it, into one folder: config.json and "
+                    "model.safetensors in the Hugging Face layout (resstream.hf), loadable "
+                    "without the run folder by `generate --checkpoint DIR`, "
+                    "resstream.hf.load_model or AutoModelForCausalLM.")
+    parser.add_argument("checkpoint", help="a run folder or a checkpoints/step_N folder")
+    parser.add_argument("--out", required=True, help="a new or empty folder")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from resstream.hf import save_model
+    from resstream.loading import load_for_inference
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {str(out)!r} is not empty; allowed: a new or empty folder")
+    model = load_for_inference(args.checkpoint)
+    save_model(model, out)
+    print(f"exported {model.num_parameters():,} parameters ({model.config.depth}) to {out}")
+    return 0

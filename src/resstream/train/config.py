@@ -1,7 +1,7 @@
 """Training configuration: dataclasses, loaded from YAML or JSON as data, overridden from the
 command line with `--section.key=value`.
 
-A config file has up to six top-level keys::
+A config file has up to seven top-level keys::
 
     preset: small            # model shape, see `resstream presets`
     name: my-run             # run name; the default run folder is runs/<name>
@@ -9,6 +9,7 @@ A config file has up to six top-level keys::
     data: {source: shakespeare, seq_len: 128, batch_size: 32}
     optim: {lr: 2.0e-3, warmup_steps: 50}
     train: {steps: 1000, seed: 0, eval_every: 100}
+    parallel: {dp: ddp}      # under torchrun: data parallel (docs/distributed.md)
 
 Files are parsed with `yaml.safe_load` / `json.loads` and never executed. Every key is checked:
 an unknown key is an error that lists the valid keys of its section, and every value is checked
@@ -133,8 +134,31 @@ class LoopConfig:
                     f"an integer in 1..{cores} (this machine's logical cores) or null")
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig}
-TOP_LEVEL_KEYS = ("preset", "name", "model", "data", "optim", "train")
+DATA_PARALLEL = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class ParallelConfig:
+    """How a run launched by `torchrun` spreads over its processes (docs/distributed.md).
+
+    A single-process run ignores this section except for checking it. Under torchrun, `dp`
+    picks the data-parallel engine: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2
+    `fully_shard`); "none" with several processes is refused. The global batch and the data
+    order are those of the single-process run with the same config."""
+
+    dp: str = "ddp"  # "none" | "ddp" | "fsdp"
+    timeout_s: float = 300.0  # a collective that waits longer ends every process with an error
+
+    def validate(self) -> None:
+        coerce_instance(self, "parallel.")
+        require(self.dp in DATA_PARALLEL, "parallel.dp", self.dp, ", ".join(DATA_PARALLEL))
+        require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "parallel.timeout_s",
+                self.timeout_s, "a number of seconds > 0")
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig,
+            "parallel": ParallelConfig}
+TOP_LEVEL_KEYS = ("preset", "name", "model", "data", "optim", "train", "parallel")
 
 
 @dataclass
@@ -147,6 +171,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     # ---------------------------------------------------------------- construction
     @classmethod

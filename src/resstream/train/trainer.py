@@ -46,6 +46,7 @@ from resstream.data.tokenizer import get_tokenizer
 from resstream.errors import UserError
 from resstream.hardware import WORKAROUND, cpu_matmul_works, parse_device
 from resstream.metrics import EvalResult, evaluate_bpb
+from resstream.parallel import data_parallel as dp
 from resstream.train import checkpoint as ckpt
 from resstream.train import run_folder
 from resstream.train.config import TrainConfig
@@ -64,6 +65,8 @@ RESUMABLE_CHANGES = {
     "train.final_eval_tokens", "train.eval_batch_size", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.compile", "train.threads",
     "train.progress", "train.log",
+    # data parallel: the same global batch and order whatever the engine or number of processes
+    "parallel.dp", "parallel.timeout_s",
 }
 # Evaluations of at least this many tokens get their own (transient) progress bar.
 EVAL_PROGRESS_MIN_TOKENS = 100_000
@@ -150,6 +153,8 @@ class Trainer:
         self.interrupts = _InterruptGuard()  # active (handling SIGINT) only inside run()
         self.position = (0, 0)  # (step, tokens) of the last completed step
         self.tensorboard = None  # a SummaryWriter with train.log=tensorboard
+        self.metrics_file = None  # metrics.jsonl, open while a run writes it (rank 0 only)
+        self.dist = dp.Distributed()  # the process group, started by run() under torchrun
         self.data = data
         self.progress_label = progress_label or self.run_dir.name
         self.log = log or (lambda message: print(message, file=sys.stderr))
@@ -272,20 +277,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
+        """Train. Under torchrun (WORLD_SIZE > 1) every process runs this with its rank: the
+        data-parallel engine of `parallel.dp` wraps the model, each rank trains on its rows of
+        the global batch, and rank 0 alone writes the run folder (resstream.parallel)."""
+        parallel = self.config.parallel
+        self.dist = dp.Distributed.from_environment(parallel.dp, parallel.timeout_s,
+                                                    self._device())
+        try:
+            return self._run()
+        except (dist_errors() if self.dist.enabled else ()) as error:
+            raise dp.collective_error(error, self.dist, parallel.timeout_s) from None
+        finally:
+            self.dist.close()
+
+    def _run(self) -> TrainResult:
         wall_start = time.perf_counter()
         train_cfg = self.config.train
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
-        device = self._device()
+        device = self.dist.device(self._device())
+        dp.check_batch_divides(self.config.data.batch_size, self.dist)
+        if not self.dist.is_main:  # one voice: rank 0 logs, shows progress and writes files
+            self.log = lambda message: None
+            train_cfg.progress = False
         # before the run folder is touched: a missing package is an error, not a late surprise
         writer_cls = _tensorboard_writer_class() if train_cfg.log == "tensorboard" else None
         self._check_run_dir()  # every refusal before any work and before anything is deleted
         if self.resume:
             self._check_resume_config()
+        if not self.dist.is_main:  # rank 0 prepares the data cache, the others then read it
+            self.dist.barrier()
         data = self._load_data()
+        if self.dist.is_main:
+            self.dist.barrier()
         if self.resume:
             self._check_resume_data(data)
-        self._prepare_run_dir()
+        self.dist.barrier()  # every rank has checked the folder before rank 0 changes it
+        if self.dist.is_main:
+            self._prepare_run_dir()
         self.data = data
 
         from resstream.model import ResStreamLM
@@ -294,12 +323,12 @@ class Trainer:
         model = ResStreamLM(self.model_config).to(device)
         if self.init_like is not None and not self.resume:
             copy_shared_init(model, self.init_like, train_cfg.seed)
-        optimizer = self._build_optimizer(model)
+        model = dp.parallelize(model, self.dist, device, self.seq_len)
+        optimizer = self._build_optimizer(dp.unwrap(model))
         step, tokens_seen = 0, 0
         if self.resume:
             loaded = ckpt.read_checkpoint(ckpt.latest_checkpoint(self.run_dir))
-            ckpt.load_model_weights(loaded, model)
-            ckpt.load_optimizer_state(loaded, optimizer)
+            ckpt.load_training_state(loaded, model, optimizer)
             ckpt.restore_rng_state(loaded.state["rng"])
             step, tokens_seen = loaded.step, int(loaded.state.get("tokens", 0))
             self.train_clock = float(loaded.state.get("train_seconds", 0.0))
@@ -308,9 +337,11 @@ class Trainer:
                                 f"allowed: --steps larger than {step} to continue training")
             _truncate_metrics(self.run_dir / METRICS_FILE, step)
             self.log(f"resuming {self.run_dir} from step {step} ({loaded.path.name})")
-        self._write_run_files(data, model)
-        self.metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
-        if writer_cls is not None:  # purge_step: drop the scalars of steps being redone
+        self.dist.barrier()  # rank 0 has prepared the folder
+        if self.dist.is_main:
+            self._write_run_files(data, model)
+            self.metrics_file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if writer_cls is not None and self.dist.is_main:  # purge_step: drop the scalars of steps being redone
             self.tensorboard = writer_cls(log_dir=str(self.run_dir / run_folder.TENSORBOARD_DIR),
                                           purge_step=step if self.resume else None)
         self.position = (step, tokens_seen)
@@ -320,7 +351,8 @@ class Trainer:
         except KeyboardInterrupt:
             raise self._interrupted(model, optimizer) from None
         finally:
-            self.metrics_file.close()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
@@ -425,7 +457,7 @@ class Trainer:
             forward = model
             loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grad_norm = float(dp.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = ckpt.latest_checkpoint(self.run_dir)
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
@@ -448,16 +480,18 @@ class Trainer:
         for micro in range(accum):
             inputs, targets = batch_for_step(data.train, self.seq_len, cfg.data.batch_size,
                                              cfg.train.seed, step, micro)
-            inputs, targets = inputs.to(device), targets.to(device)
+            # data parallel: this rank's rows of the global batch (all of it for one process)
+            inputs = dp.rank_rows(inputs, self.dist).to(device)
+            targets = dp.rank_rows(targets, self.dist).to(device)
             context = (torch.autocast(device.type, dtype=autocast_dtype)
                        if autocast_dtype is not None else contextlib.nullcontext())
-            with context:
+            with dp.gradient_sync(forward, sync=micro == accum - 1), context:
                 logits = forward(inputs)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                   targets.reshape(-1))
-            (loss / accum).backward()
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                       targets.reshape(-1))
+                (loss / accum).backward()
             total += float(loss.detach())
-        return total / accum
+        return self.dist.mean(total / accum)  # the global batch's loss on every rank
 
     def _evaluate(self, model, data, device, autocast_dtype, step, tokens, budget) -> dict:
         n_tokens = len(data.val) if budget is None else min(budget, len(data.val))
@@ -471,7 +505,8 @@ class Trainer:
             bar.update(done - bar.n)
 
         try:
-            result = evaluate_bpb(model, data.val, self.seq_len,
+            # every rank evaluates the same windows (an FSDP2 forward is a collective)
+            result = evaluate_bpb(_eval_model(model), data.val, self.seq_len,
                                   self.config.train.eval_batch_size, max_tokens=budget,
                                   device=device, autocast_dtype=autocast_dtype,
                                   on_batch=on_batch if bar is not None else None)
@@ -492,8 +527,13 @@ class Trainer:
                  "train_config": self.config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_dict() if self.data else None,
                  "data": _data_identity(self.data.manifest) if self.data else None}
-        return ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state,
-                                    self.config.train.keep_checkpoints)
+        gathered = ckpt.gather_training_state(model, optimizer)  # a collective under FSDP2
+        path = ckpt.checkpoint_path(self.run_dir, step)
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state,
+                                        self.config.train.keep_checkpoints, gathered)
+        self.dist.barrier()  # no rank runs ahead of a checkpoint that is not yet complete
+        return path
 
     # ------------------------------------------------------------------ run files
     def _write_run_files(self, data: PreparedData, model: torch.nn.Module) -> None:
@@ -513,6 +553,8 @@ class Trainer:
         _write_json_file(path, environment)
 
     def _write_metrics(self, record: dict) -> None:
+        if self.metrics_file is None:  # a data-parallel rank other than 0
+            return
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         if self.tensorboard is not None:
@@ -593,6 +635,18 @@ def copy_shared_init(model: torch.nn.Module, reference_config, seed: int) -> Non
             source = reference.get(name)
             if source is not None and source.shape == param.shape:
                 param.copy_(source.to(param.device, param.dtype))
+
+
+def dist_errors() -> tuple[type[BaseException], ...]:
+    """What a collective raises when a peer died or timed out (gloo reports a closed
+    connection as a plain RuntimeError)."""
+    return (torch.distributed.DistError, RuntimeError)
+
+
+def _eval_model(model: torch.nn.Module) -> torch.nn.Module:
+    """DDP evaluates its inner module (no gradient sync to set up); FSDP2 and plain models
+    evaluate as they are."""
+    return dp.unwrap(model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
