@@ -1,6 +1,6 @@
 """Data parallel training under torchrun (CPU, gloo, 2 processes): DDP and FSDP2 follow the
 single-process loss trajectory, checkpoints resume on another number of processes, a killed
-rank ends the whole run, and bad launches fail with one line.
+rank or a NaN on one rank ends the whole run, and bad launches fail with one line.
 
 Every launch runs `torchrun` in its own session with a timeout; whatever happens, the session is
 killed at the end, so no process outlives its test."""
@@ -142,6 +142,54 @@ def test_killed_rank_ends_the_run_and_it_resumes_on_another_world_size(corpus, t
     assert code == 0, err
     assert "resuming" in err
     assert final_bpb(victim) == pytest.approx(final_bpb(tmp_path / "straight"), rel=2e-5)
+
+
+# Run by torchrun in the NaN test: rank 1 alone computes a NaN loss from its third
+# micro-batch on (one bad shard of data, a broken kernel on one device), then the normal CLI.
+POISON_RANK_1 = """
+import os, sys
+import torch
+import torch.nn.functional as F
+from resstream.cli import main
+
+if os.environ["RANK"] == "1":
+    calls, cross_entropy = [0], F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls[0] >= 3 else loss
+
+    F.cross_entropy = poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_nan_on_one_rank_ends_every_rank_and_the_last_checkpoint_resumes(corpus, tmp_path):
+    """A NaN on rank 1 only (from step 2, grad_accum=2): the loss and gradient are reduced over
+    ranks, so every rank sees it and stops with the same line and a non-zero exit; the step-1
+    checkpoint is intact and resumes in one process."""
+    script = tmp_path / "poison.py"
+    script.write_text(POISON_RANK_1, encoding="utf-8")
+    run = tmp_path / "nan"
+    args = ["train", "--data", corpus, "--out", run, *FAST, "--steps", 4,
+            "--train.checkpoint_every=1", "--parallel.timeout_s=60"]
+    process = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "2", str(script), *map(str, args)],
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    started = time.monotonic()
+    code, _, err = finish(process, timeout=180)
+    assert code != 0
+    assert time.monotonic() - started < 180
+    assert err.count("resstream train: error: training stopped at step 2: loss=nan is not "
+                     "finite (last good checkpoint: ") == 2, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+    code, _, err = finish(launch(["train", "--data", corpus, "--out", run, "--resume", *FAST,
+                                  "--steps", 4, "--train.checkpoint_every=1"], 1))
+    assert code == 0, err
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def test_bad_launches_fail_with_one_line(corpus, tmp_path):

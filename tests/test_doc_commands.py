@@ -5,8 +5,9 @@ The commands of every ```bash / ```sh / ```shell / ```console block are extracte
 the `$ ` lines are commands) and run with bash, one test each, in file order, in one temporary
 working directory per document (so `resstream train ... --out runs/my-run` runs before
 `resstream generate --checkpoint runs/my-run`). That directory holds a copy of the repository's
-`configs/`, as the repository root does. The environment sets RESSTREAM_SMOKE=1 (resstream.smoke:
-the commands cap their own steps, repeats, sizes and tokens; the text is never edited),
+`configs/` and `examples/`, as the repository root does. The environment sets
+RESSTREAM_SMOKE=1 (resstream.smoke: the commands cap their own steps, repeats, sizes and
+tokens; the text is never edited),
 RESSTREAM_DATA_CACHE to a cache of the test's own, one torch thread and the venv's bin/ first on
 PATH. Each command must exit 0, or the code its comment documents ("# ... exits 2 ...").
 
@@ -223,9 +224,12 @@ def run_command(command: Command, cwd: Path, data_cache: Path) -> None:
 
 
 def _is_torchrun_of_resstream(words: list[str]) -> bool:
-    """`torchrun ... -m resstream ...` (docs/distributed.md): run as written, on CPU with gloo."""
-    return words[0] == "torchrun" and any(words[i:i + 2] == ["-m", "resstream"]
-                                          for i in range(len(words)))
+    """`torchrun ... -m resstream ...` or `torchrun ... examples/NAME.py` (docs/distributed.md):
+    run as written, on CPU with gloo."""
+    return words[0] == "torchrun" and any(
+        words[i:i + 2] == ["-m", "resstream"]
+        or (words[i].startswith("examples/") and (ROOT / words[i]).is_file())
+        for i in range(len(words)))
 
 
 @dataclass
@@ -240,8 +244,9 @@ _WORKDIRS: dict[str, _Workdir] = {}
 def _workdir(doc: str, factory) -> _Workdir:
     if doc not in _WORKDIRS:
         path = factory.mktemp(re.sub(r"\W", "_", doc))
-        if (ROOT / "configs").is_dir():
-            shutil.copytree(ROOT / "configs", path / "configs")
+        for shipped in ("configs", "examples"):
+            if (ROOT / shipped).is_dir():
+                shutil.copytree(ROOT / shipped, path / shipped)
         _WORKDIRS[doc] = _Workdir(path)
     return _WORKDIRS[doc]
 

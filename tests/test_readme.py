@@ -50,11 +50,23 @@ def test_cli_snippets_parse_and_cheap_ones_run(line, tmp_path, monkeypatch):
         assert main(argv) == 0
 
 
+def shipped_example(snippet: str) -> Path | None:
+    """The repository file a snippet shows, when its first line names one (`# examples/x.py:
+    ...`): such a script runs under torchrun, from the doc's bash block (test_doc_commands)."""
+    match = re.match(r"# (examples/[\w.]+\.py)\b", snippet)
+    return README.parent / match.group(1) if match else None
+
+
 @pytest.mark.parametrize("doc", [d for d in DOCS if blocks("python", d)], ids=lambda d: d.name)
 def test_python_snippets_in_docs_run(doc, tmp_path, monkeypatch):
     """The docs' ```python blocks run in order in one namespace (in a scratch directory, since
-    some save files)."""
+    some save files); a block that shows a shipped example is that file, character for
+    character."""
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for snippet in blocks("python", doc):
+        example = shipped_example(snippet)
+        if example is not None:
+            assert example.is_file() and example.read_text() == snippet, example
+            continue
         exec(compile(snippet, str(doc), "exec"), namespace)  # noqa: S102 - our own docs

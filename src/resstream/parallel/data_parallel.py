@@ -17,7 +17,9 @@ gathering of `torch.distributed.checkpoint.state_dict` are PyTorch's.
   its outputs to gather them again (the ZeRO-2 trade: parameters sharded at rest and in the
   optimizer, gathered per block in the step).
 * `rank_rows(batch, dist)` is this rank's share of the global batch: the global batch and its
-  order are those of the single-process run with the same config.
+  order are those of the single-process run with the same config. With pipeline stages
+  (`parallel.pp` > 1) the share is its data-parallel replica's: rank r is replica r // pp and
+  pipeline rank r % pp (the trainer's 2-D mesh, resstream.parallel.pipeline_training).
 """
 from __future__ import annotations
 
@@ -35,12 +37,22 @@ from resstream.errors import UserError
 
 @dataclass
 class Distributed:
-    """The process group of a run: rank, world size and the device this rank computes on."""
+    """The process group of a run: rank, world size and the device this rank computes on;
+    `pp` processes form one pipeline, so there are world_size / pp data-parallel replicas."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     dp: str = "none"
+    pp: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.pp
 
     @property
     def enabled(self) -> bool:
@@ -51,14 +63,19 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, dp: str, timeout_s: float, device: torch.device) -> "Distributed":
+    def from_environment(cls, dp: str, timeout_s: float, device: torch.device,
+                         pp: int = 1) -> "Distributed":
         """The context of this process: disabled for one process, else a started process group."""
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world_size % pp or (pp > 1 and world_size == 1):
+            raise UserError(f"parallel.pp={pp} is invalid with WORLD_SIZE={world_size} processes; "
+                            "allowed: a divisor of the number of processes (1: no pipeline)")
         if world_size == 1:
             return cls()
-        if dp == "none":
+        if dp == "none" and world_size > pp:
+            replicas = "" if pp == 1 else f" and parallel.pp={pp}"
             raise UserError(f"parallel.dp='none' is invalid with WORLD_SIZE={world_size} "
-                            "processes; allowed: ddp or fsdp under torchrun")
+                            f"processes{replicas}; allowed: ddp or fsdp under torchrun")
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
@@ -68,7 +85,7 @@ class Distributed:
                 raise UserError(f"rank {rank}: cannot join the process group of "
                                 f"{world_size} processes within parallel.timeout_s="
                                 f"{timeout_s:g} s: {_first_line(error)}") from None
-        return cls(rank, world_size, local_rank, dp)
+        return cls(rank, world_size, local_rank, dp, pp)
 
     def device(self, device: torch.device) -> torch.device:
         """One accelerator per process: cuda -> cuda:LOCAL_RANK."""
@@ -107,17 +124,23 @@ def collective_error(error: BaseException, dist_ctx: Distributed, timeout_s: flo
 
 
 def rank_rows(batch: Tensor, dist_ctx: Distributed) -> Tensor:
-    """This rank's contiguous share of the global batch's rows."""
+    """This rank's contiguous share of the global batch's rows (its data-parallel replica's:
+    the stages of one pipeline train on the same rows)."""
     if not dist_ctx.enabled:
         return batch
-    share = batch.shape[0] // dist_ctx.world_size
-    return batch[dist_ctx.rank * share:(dist_ctx.rank + 1) * share]
+    share = batch.shape[0] // dist_ctx.dp_size
+    return batch[dist_ctx.dp_rank * share:(dist_ctx.dp_rank + 1) * share]
 
 
 def check_batch_divides(batch_size: int, dist_ctx: Distributed) -> None:
-    if dist_ctx.enabled and batch_size % dist_ctx.world_size:
+    if not dist_ctx.enabled or batch_size % dist_ctx.dp_size == 0:
+        return
+    if dist_ctx.pp == 1:
         raise UserError(f"data.batch_size={batch_size} is invalid with {dist_ctx.world_size} "
                         f"processes; allowed: a multiple of the number of processes")
+    raise UserError(f"data.batch_size={batch_size} is invalid with {dist_ctx.dp_size} "
+                    f"data-parallel replicas ({dist_ctx.world_size} processes / parallel.pp="
+                    f"{dist_ctx.pp}); allowed: a multiple of {dist_ctx.dp_size}")
 
 
 def parallelize(model: torch.nn.Module, dist_ctx: Distributed, device: torch.device,

@@ -131,13 +131,14 @@ class Pipeline:
     """This rank's stages of a pipelined model and the schedule that runs them."""
 
     def __init__(self, model: nn.Module, stage_indices: list[int], n_stages: int,
-                 schedule: str, n_microbatches: int, loss_fn: Callable, group=None):
+                 schedule: str, n_microbatches: int, loss_fn: Callable, group=None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
         self.n_stages, self.n_microbatches, self.schedule_name = n_stages, n_microbatches, schedule
         self.layers = split_layers(model.config.n_layers, n_stages)
         self.group = group
         world = dist.get_world_size(group)
         names = _canonical_names(model)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
         self.modules = [StageModule(model, self.layers[s], s == 0, s == n_stages - 1)
                         for s in stage_indices]
         # which ranks hold each parameter: shared ones get their gradients summed
@@ -149,11 +150,16 @@ class Pipeline:
         self.params = {names[id(p)]: p for m in self.modules for p in m.parameters()}
         self.shared = [(name, model.get_parameter(name).shape) for name in sorted(holders)
                        if len(holders[name]) > 1]
+        # the lowest rank holding a parameter owns it: it alone counts it in the gradient norm
+        # (and sends it when pipeline_training synchronises the whole model)
+        self.owner = {name: min(ranks) for name, ranks in holders.items()}
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                                   ScheduleInterleaved1F1B)
 
-        device = next(model.parameters()).device
-        self.stages = [PipelineStage(m, s, n_stages, device, group=group)
+        # `wrap` (e.g. DDP over a data-parallel group) goes around the stage module itself:
+        # the engine then defers its gradient reduction to the last micro-batch
+        wrap = wrap or (lambda module: module)
+        self.stages = [PipelineStage(wrap(m), s, n_stages, self.device, group=group)
                        for m, s in zip(self.modules, stage_indices)]
         self.traffic = Traffic()
         for stage in self.stages:
@@ -207,19 +213,36 @@ class Pipeline:
             return None
         return torch.stack([loss.detach() for loss in losses]).mean()
 
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale every rank's gradients by min(1, max_norm / norm) as `clip_grad_norm_` does on
+        the unsplit model, and return the norm: the global one over all stages, each parameter
+        counted once (on its owner), so shared ones (the depth operator's, a tied embedding)
+        are not counted on every rank that holds them."""
+        rank = dist.get_rank(self.group)
+        held = [(name, p.grad) for name, p in self.params.items() if p.grad is not None]
+        owned = [grad.detach().float().pow(2).sum() for name, grad in held
+                 if self.owner[name] == rank]
+        squares = torch.stack(owned).sum() if owned else torch.zeros((), device=self.device)
+        dist.all_reduce(squares, group=self.group)
+        norm = squares.sqrt()
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for _, grad in held:
+            grad.mul_(scale.to(grad.dtype))
+        return float(norm)
+
     def _sum_shared_grads(self) -> None:
         """Sum the gradients of parameters held on several ranks (one flat all_reduce; a
         gradient that no rank has stays None, as in the unsplit model)."""
         if not self.shared:
             return
         parts, has_grad = [], []
+        like = {"dtype": self.dtype, "device": self.device}
         for name, shape in self.shared:
             p = self.params.get(name)
             grad = None if p is None else p.grad
-            parts.append(torch.zeros(shape.numel(), dtype=self.dtype) if grad is None
-                         else grad.reshape(-1))
+            parts.append(torch.zeros(shape.numel(), **like) if grad is None else grad.reshape(-1))
             has_grad.append(float(grad is not None))
-        buffer = torch.cat(parts + [torch.tensor(has_grad, dtype=self.dtype)])
+        buffer = torch.cat(parts + [torch.tensor(has_grad, **like)])
         dist.all_reduce(buffer, group=self.group)
         sizes = [shape.numel() for _, shape in self.shared]
         *sums, counts = buffer.split(sizes + [len(sizes)])
@@ -236,12 +259,13 @@ def _canonical_names(model: nn.Module) -> dict[int, str]:
 
 def build_pipeline(model: nn.Module, stage_rank: int, n_stages: int, schedule: str = "1f1b",
                    n_microbatches: int | None = None, loss_fn: Callable | None = None,
-                   group=None) -> Pipeline:
+                   group=None, wrap: Callable[[nn.Module], nn.Module] | None = None) -> Pipeline:
     """Split `model` (a ResStreamLM, the same weights on every rank: build it with the same
     seed) into `n_stages` stages and return this rank's `Pipeline`. `stage_rank` is this
     process's rank in the pipeline group (initialised by the caller); "gpipe" and "1f1b" need
     n_stages == world size, "interleaved" a multiple of it (at least 2 stages per rank).
-    `n_microbatches` defaults to n_stages; `loss_fn(logits, targets)` to `lm_loss`."""
+    `n_microbatches` defaults to n_stages; `loss_fn(logits, targets)` to `lm_loss`; `wrap`
+    wraps each stage module before the engine takes it (DDP over a data-parallel group)."""
     n_layers = model.config.n_layers
     if schedule not in SCHEDULES:
         raise UserError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
@@ -267,7 +291,7 @@ def build_pipeline(model: nn.Module, stage_rank: int, n_stages: int, schedule: s
         raise UserError(f"stage_rank={stage_rank} is invalid; allowed: 0..{world - 1}")
     stage_indices = list(range(stage_rank, n_stages, world))
     return Pipeline(model, stage_indices, n_stages, schedule, n_microbatches,
-                    loss_fn or lm_loss, group)
+                    loss_fn or lm_loss, group, wrap)
 
 
 # ---------------------------------------------------------------- local process groups

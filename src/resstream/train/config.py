@@ -9,7 +9,7 @@ A config file has up to seven top-level keys::
     data: {source: shakespeare, seq_len: 128, batch_size: 32}
     optim: {lr: 2.0e-3, warmup_steps: 50}
     train: {steps: 1000, seed: 0, eval_every: 100}
-    parallel: {dp: ddp}      # under torchrun: data parallel (docs/distributed.md)
+    parallel: {dp: ddp, pp: 2}  # under torchrun: data and pipeline parallel (docs/distributed.md)
 
 Files are parsed with `yaml.safe_load` / `json.loads` and never executed. Every key is checked:
 an unknown key is an error that lists the valid keys of its section, and every value is checked
@@ -143,17 +143,39 @@ class ParallelConfig:
 
     A single-process run ignores this section except for checking it. Under torchrun, `dp`
     picks the data-parallel engine: "ddp" (DistributedDataParallel) or "fsdp" (FSDP2
-    `fully_shard`); "none" with several processes is refused. The global batch and the data
-    order are those of the single-process run with the same config."""
+    `fully_shard`); "none" with several data-parallel ranks is refused. `pp` > 1 splits the
+    model into pipeline stages over `pp` processes (a 2-D mesh: WORLD_SIZE / pp data-parallel
+    replicas of the pipeline), run by `schedule` over `microbatches` micro-batches per
+    accumulated batch. The global batch and the data order are those of the single-process
+    run with the same config, whatever the layout."""
 
     dp: str = "ddp"  # "none" | "ddp" | "fsdp"
     timeout_s: float = 300.0  # a collective that waits longer ends every process with an error
+    pp: int = 1  # pipeline degree: processes per pipeline; 1: no pipeline
+    schedule: str = "1f1b"  # "gpipe" | "1f1b" | "interleaved" (two stages per process)
+    microbatches: int | None = None  # pipeline micro-batches per batch; None: parallel.pp
 
     def validate(self) -> None:
+        from resstream.parallel.pipeline import SCHEDULES
+
         coerce_instance(self, "parallel.")
         require(self.dp in DATA_PARALLEL, "parallel.dp", self.dp, ", ".join(DATA_PARALLEL))
         require(math.isfinite(self.timeout_s) and self.timeout_s > 0, "parallel.timeout_s",
                 self.timeout_s, "a number of seconds > 0")
+        require(self.pp >= 1, "parallel.pp", self.pp, "an integer >= 1 (1: no pipeline)")
+        require(self.schedule in SCHEDULES, "parallel.schedule", self.schedule,
+                ", ".join(SCHEDULES))
+        if self.microbatches is not None:
+            require(self.microbatches >= 1, "parallel.microbatches", self.microbatches,
+                    "an integer >= 1 or null (parallel.pp)")
+        # FSDP2 on stage modules is not wired up (each stage would need its own fully_shard)
+        require(self.pp == 1 or self.dp != "fsdp", "parallel.dp", self.dp,
+                f"ddp or none with parallel.pp={self.pp} (FSDP2 is not composed with "
+                "pipeline stages)")
+
+    @property
+    def n_microbatches(self) -> int:
+        return self.microbatches or self.pp
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig,
@@ -275,7 +297,7 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if parts[0] not in TOP_LEVEL_KEYS:
         raise UserError(f"unknown config key {key!r}; valid keys: preset, name, model.KEY, "
-                        "data.KEY, optim.KEY, train.KEY")
+                        "data.KEY, optim.KEY, train.KEY, parallel.KEY")
     if len(parts) == 1:
         values[key] = value
         return

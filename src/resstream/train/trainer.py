@@ -47,6 +47,7 @@ from resstream.errors import UserError
 from resstream.hardware import WORKAROUND, cpu_matmul_works, parse_device
 from resstream.metrics import EvalResult, evaluate_bpb
 from resstream.parallel import data_parallel as dp
+from resstream.parallel import pipeline_training
 from resstream.train import checkpoint as ckpt
 from resstream.train import run_folder
 from resstream.train.config import TrainConfig
@@ -65,8 +66,10 @@ RESUMABLE_CHANGES = {
     "train.final_eval_tokens", "train.eval_batch_size", "train.log_every",
     "train.checkpoint_every", "train.keep_checkpoints", "train.compile", "train.threads",
     "train.progress", "train.log",
-    # data parallel: the same global batch and order whatever the engine or number of processes
-    "parallel.dp", "parallel.timeout_s",
+    # data and pipeline parallel: the same global batch and order whatever the engine, the
+    # number of processes or the stages (a checkpoint is the full, gathered state)
+    "parallel.dp", "parallel.timeout_s", "parallel.pp", "parallel.schedule",
+    "parallel.microbatches",
 }
 # Evaluations of at least this many tokens get their own (transient) progress bar.
 EVAL_PROGRESS_MIN_TOKENS = 100_000
@@ -155,6 +158,7 @@ class Trainer:
         self.tensorboard = None  # a SummaryWriter with train.log=tensorboard
         self.metrics_file = None  # metrics.jsonl, open while a run writes it (rank 0 only)
         self.dist = dp.Distributed()  # the process group, started by run() under torchrun
+        self.pipeline = None  # this rank's stages, with parallel.pp > 1
         self.data = data
         self.progress_label = progress_label or self.run_dir.name
         self.log = log or (lambda message: print(message, file=sys.stderr))
@@ -168,6 +172,8 @@ class Trainer:
         if self.seq_len > self.model_config.max_seq_len:
             raise UserError(f"data.seq_len={self.seq_len} is invalid; allowed: at most "
                             f"model.max_seq_len={self.model_config.max_seq_len}")
+        if config.parallel.pp > 1:
+            pipeline_training.check_depth(config.parallel, self.model_config.n_layers)
         self._check_vocab(data.tokenizer if data is not None else get_tokenizer())
 
     # ------------------------------------------------------------------ setup
@@ -278,11 +284,12 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
         """Train. Under torchrun (WORLD_SIZE > 1) every process runs this with its rank: the
-        data-parallel engine of `parallel.dp` wraps the model, each rank trains on its rows of
-        the global batch, and rank 0 alone writes the run folder (resstream.parallel)."""
+        data-parallel engine of `parallel.dp` wraps the model (with `parallel.pp` > 1, this
+        rank's pipeline stages: resstream.parallel.pipeline_training), each rank trains on its
+        rows of the global batch, and rank 0 alone writes the run folder (resstream.parallel)."""
         parallel = self.config.parallel
         self.dist = dp.Distributed.from_environment(parallel.dp, parallel.timeout_s,
-                                                    self._device())
+                                                    self._device(), parallel.pp)
         try:
             return self._run()
         except (dist_errors() if self.dist.enabled else ()) as error:
@@ -297,6 +304,9 @@ class Trainer:
             torch.set_num_threads(train_cfg.threads)
         device = self.dist.device(self._device())
         dp.check_batch_divides(self.config.data.batch_size, self.dist)
+        if self.config.parallel.pp > 1:
+            pipeline_training.check_microbatches(self.config.data.batch_size, self.dist,
+                                                 self.config.parallel)
         if not self.dist.is_main:  # one voice: rank 0 logs, shows progress and writes files
             self.log = lambda message: None
             train_cfg.progress = False
@@ -323,12 +333,24 @@ class Trainer:
         model = ResStreamLM(self.model_config).to(device)
         if self.init_like is not None and not self.resume:
             copy_shared_init(model, self.init_like, train_cfg.seed)
-        model = dp.parallelize(model, self.dist, device, self.seq_len)
-        optimizer = self._build_optimizer(dp.unwrap(model))
+        if self.config.parallel.pp > 1:  # `model` stays the whole, unwrapped model
+            self.pipeline = pipeline_training.PipelineTraining(
+                model, self.dist, self.config.parallel, self.config.optim.grad_accum, device)
+            optimizer = self.pipeline.stage_optimizer(self._build_optimizer(model))
+            self.log(self.pipeline.layout)
+            if train_cfg.compile:
+                self.log("warning: train.compile is ignored with parallel.pp > 1 (the pipelining "
+                         "engine runs the stages)")
+        else:
+            model = dp.parallelize(model, self.dist, device, self.seq_len)
+            optimizer = self._build_optimizer(dp.unwrap(model))
         step, tokens_seen = 0, 0
         if self.resume:
             loaded = ckpt.read_checkpoint(ckpt.latest_checkpoint(self.run_dir))
-            ckpt.load_training_state(loaded, model, optimizer)
+            if self.pipeline is not None:
+                self.pipeline.load_training_state(loaded, optimizer)
+            else:
+                ckpt.load_training_state(loaded, model, optimizer)
             ckpt.restore_rng_state(loaded.state["rng"])
             step, tokens_seen = loaded.step, int(loaded.state.get("tokens", 0))
             self.train_clock = float(loaded.state.get("train_seconds", 0.0))
@@ -373,7 +395,7 @@ class Trainer:
     def _loop(self, model, optimizer, data, device, step, tokens_seen, wall_start) -> TrainResult:
         cfg = self.config
         train_cfg = cfg.train
-        forward = _maybe_compile(model, train_cfg.compile, self.log)
+        forward = _maybe_compile(model, train_cfg.compile and self.pipeline is None, self.log)
         autocast_dtype = _autocast_dtype(train_cfg.precision, device, self.log)
         tokens_per_step = cfg.data.batch_size * self.seq_len * cfg.optim.grad_accum
         evals = _read_evals(self.run_dir / METRICS_FILE)
@@ -457,7 +479,11 @@ class Trainer:
             forward = model
             loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(dp.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
+        if self.pipeline is not None:  # the global norm over every stage
+            grad_norm = self.pipeline.clip_grad_norm_(clip)
+        else:
+            grad_norm = float(dp.full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                          clip)))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = ckpt.latest_checkpoint(self.run_dir)
             where = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
@@ -476,22 +502,31 @@ class Trainer:
         cfg = self.config
         optimizer.zero_grad(set_to_none=True)
         accum = cfg.optim.grad_accum
+        if self.pipeline is not None:  # every micro-batch in one schedule (pipeline_training)
+            pairs = [self._rows(data, device, step, micro) for micro in range(accum)]
+            return self.pipeline.step(torch.cat([i for i, _ in pairs]),
+                                      torch.cat([t for _, t in pairs]),
+                                      _autocast(device, autocast_dtype))
         total = 0.0
         for micro in range(accum):
-            inputs, targets = batch_for_step(data.train, self.seq_len, cfg.data.batch_size,
-                                             cfg.train.seed, step, micro)
-            # data parallel: this rank's rows of the global batch (all of it for one process)
-            inputs = dp.rank_rows(inputs, self.dist).to(device)
-            targets = dp.rank_rows(targets, self.dist).to(device)
-            context = (torch.autocast(device.type, dtype=autocast_dtype)
-                       if autocast_dtype is not None else contextlib.nullcontext())
-            with dp.gradient_sync(forward, sync=micro == accum - 1), context:
+            inputs, targets = self._rows(data, device, step, micro)
+            with dp.gradient_sync(forward, sync=micro == accum - 1), \
+                    _autocast(device, autocast_dtype):
                 logits = forward(inputs)
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                        targets.reshape(-1))
                 (loss / accum).backward()
             total += float(loss.detach())
         return self.dist.mean(total / accum)  # the global batch's loss on every rank
+
+    def _rows(self, data, device, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of micro-batch `micro` of `step`: this rank's rows of the global
+        batch under data parallel (all of it for one process)."""
+        cfg = self.config
+        inputs, targets = batch_for_step(data.train, self.seq_len, cfg.data.batch_size,
+                                         cfg.train.seed, step, micro)
+        return (dp.rank_rows(inputs, self.dist).to(device),
+                dp.rank_rows(targets, self.dist).to(device))
 
     def _evaluate(self, model, data, device, autocast_dtype, step, tokens, budget) -> dict:
         n_tokens = len(data.val) if budget is None else min(budget, len(data.val))
@@ -504,6 +539,11 @@ class Trainer:
             bar.total = total
             bar.update(done - bar.n)
 
+        if self.pipeline is not None:
+            # the unsplit model, refreshed from the stages, on every rank: the same numbers as
+            # one process by construction (a forward-only schedule would need its own loss
+            # bookkeeping), and no rank waits on another's evaluation
+            self.pipeline.sync()
         try:
             # every rank evaluates the same windows (an FSDP2 forward is a collective)
             result = evaluate_bpb(_eval_model(model), data.val, self.seq_len,
@@ -527,7 +567,10 @@ class Trainer:
                  "train_config": self.config.to_dict(),
                  "tokenizer": self.data.tokenizer.to_dict() if self.data else None,
                  "data": _data_identity(self.data.manifest) if self.data else None}
-        gathered = ckpt.gather_training_state(model, optimizer)  # a collective under FSDP2
+        if self.pipeline is not None:  # the stages' state gathered under the unsplit names
+            gathered = self.pipeline.gather_training_state(optimizer)
+        else:
+            gathered = ckpt.gather_training_state(model, optimizer)  # a collective under FSDP2
         path = ckpt.checkpoint_path(self.run_dir, step)
         if self.dist.is_main:
             path = ckpt.save_checkpoint(self.run_dir, step, model, optimizer, state,
@@ -647,6 +690,13 @@ def _eval_model(model: torch.nn.Module) -> torch.nn.Module:
     """DDP evaluates its inner module (no gradient sync to set up); FSDP2 and plain models
     evaluate as they are."""
     return dp.unwrap(model) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 autocast for forward passes, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
