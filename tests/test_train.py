@@ -199,8 +199,8 @@ def _subprocess_env(tmp_path: Path, slow: bool) -> dict:
     env = {**os.environ, "RESSTREAM_DATA_CACHE": str(tmp_path / "data_cache"),
            "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    if slow:
-        env["RESSTREAM_TEST_STEP_SLEEP"] = "0.25"
+    if slow:  # 8 s between the first checkpoint and the end: room for a loaded machine to signal
+        env["RESSTREAM_TEST_STEP_SLEEP"] = "1.0"
     return env
 
 
