@@ -210,9 +210,12 @@ def _start_reference_and_victim(corpus, tmp_path, straight, victim_dir):
     reference = subprocess.Popen(_train_cmd(corpus, straight), cwd=tmp_path,
                                  env=_subprocess_env(tmp_path, slow=False),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Ctrl-C as from a shell: SIGINT at its default, whatever an earlier test in this worker
+    # left (an ignored SIGINT is inherited and Python then keeps ignoring it)
     victim = subprocess.Popen(_train_cmd(corpus, victim_dir), cwd=tmp_path,
                               env=_subprocess_env(tmp_path, slow=True),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first_checkpoint = victim_dir / "checkpoints" / "step_00000004"
     deadline = time.monotonic() + 120
     while not first_checkpoint.exists():
