@@ -2,71 +2,27 @@
 single-process loss trajectory, checkpoints resume on another number of processes, a killed
 rank or a NaN on one rank ends the whole run, and bad launches fail with one line.
 
-Every launch runs `torchrun` in its own session with a timeout; whatever happens, the session is
-killed at the end, so no process outlives its test."""
+Launches (each in its own session, killed at the end of its test): tests/launching.py."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from resstream.data.text import markdown_to_text, shakespeare_play_files
+from launching import (FAST, TORCHRUN, finish, kill_session, launch, train, worker_env,
+                       write_macbeth)
 
 pytestmark = [pytest.mark.usefixtures("private_data_cache"), pytest.mark.timeout(300)]
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# tiny model, 2 micro-batches per step (exercises no_sync / deferred gradient reduction)
-FAST = ["--preset", "tiny", "--no-progress", "--data.seq_len=32", "--data.batch_size=4",
-        "--optim.grad_accum=2", "--optim.warmup_steps=0", "--optim.lr=3e-3",
-        "--train.log_every=1", "--train.eval_every=0",
-        "--train.eval_tokens=512", "--train.final_eval_tokens=512", "--train.threads=1"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    plays = {f.name: f for f in shakespeare_play_files()}
-    path = tmp_path_factory.mktemp("corpus") / "macbeth.txt"
-    path.write_text(markdown_to_text(plays["macbeth.md"].read_text(encoding="utf-8")),
-                    encoding="utf-8")
-    return path
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def launch(args: list, nproc: int, extra_env: dict | None = None) -> subprocess.Popen:
-    command = ([*TORCHRUN, "--nproc-per-node", str(nproc), "-m", "resstream"] if nproc > 1
-               else [sys.executable, "-m", "resstream"])
-    return subprocess.Popen([*command, *map(str, args)], env={**_env(), **(extra_env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        _kill_session(process)
-    return process.returncode, out, err
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def train(corpus, out, nproc=1, *extra) -> tuple[int, str, str]:
-    return finish(launch(["train", "--data", corpus, "--out", out, *FAST, *extra], nproc))
+    return write_macbeth(tmp_path_factory.mktemp("corpus"))
 
 
 def losses(run: Path) -> list[float]:
@@ -135,7 +91,7 @@ def test_killed_rank_ends_the_run_and_it_resumes_on_another_world_size(corpus, t
         assert time.monotonic() - started < 120
         assert not any(_alive(pid) for pid in workers)
     finally:
-        _kill_session(process)
+        kill_session(process)
 
     code, out, err = finish(launch(["train", "--data", corpus, "--out", victim, "--resume",
                                     *FAST, *args], 1))
@@ -175,7 +131,7 @@ def test_a_nan_on_one_rank_ends_every_rank_and_the_last_checkpoint_resumes(corpu
     args = ["train", "--data", corpus, "--out", run, *FAST, "--steps", 4,
             "--train.checkpoint_every=1", "--parallel.timeout_s=60"]
     process = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "2", str(script), *map(str, args)],
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     started = time.monotonic()
     code, _, err = finish(process, timeout=180)

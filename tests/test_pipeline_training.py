@@ -3,44 +3,26 @@ on 2 processes (GPipe and 1F1B) and 2 data-parallel replicas x 2 stages on 4 pro
 single-process loss, gradient norm and validation bpb (and so do 4 interleaved stages on 2
 processes); a pipeline checkpoint resumes in one
 process and loads for inference, and a one-process checkpoint resumes on 2 stages; bad values
-fail with one line.
-
-Every launch runs in its own session with a timeout; whatever happens, the session is killed at
-the end, so no process outlives its test."""
+fail with one line. Launches: tests/launching.py."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from resstream.data.text import markdown_to_text, shakespeare_play_files
+from launching import launch, train, write_macbeth
 
 pytestmark = [pytest.mark.usefixtures("private_data_cache"), pytest.mark.timeout(300)]
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# tiny model (2 layers: one block per stage), 2 accumulated micro-batches per step (they run in
-# one schedule), a learning rate at which clipping (grad_clip=1) acts from step 2 on
-FAST = ["--preset", "tiny", "--no-progress", "--data.seq_len=32", "--data.batch_size=4",
-        "--optim.grad_accum=2", "--optim.warmup_steps=0", "--optim.lr=3e-3",
-        "--train.log_every=1", "--train.eval_every=0",
-        "--train.eval_tokens=512", "--train.final_eval_tokens=512", "--train.threads=1"]
 DEPTHS = ["standard", "block_attnres"]  # a tied embedding; depth parameters on every stage
 RESUMABLE = ["--steps", 6, "--train.checkpoint_every=2", "--train.keep_checkpoints=5"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    plays = {f.name: f for f in shakespeare_play_files()}
-    path = tmp_path_factory.mktemp("corpus") / "macbeth.txt"
-    path.write_text(markdown_to_text(plays["macbeth.md"].read_text(encoding="utf-8")),
-                    encoding="utf-8")
-    return path
+    return write_macbeth(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")
@@ -57,34 +39,6 @@ def single(tmp_path_factory):
         return runs[model]
 
     return get
-
-
-def launch(args: list, nproc: int) -> subprocess.Popen:
-    command = ([*TORCHRUN, "--nproc-per-node", str(nproc), "-m", "resstream"] if nproc > 1
-               else [sys.executable, "-m", "resstream"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*command, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
-    try:
-        out, err = process.communicate(timeout=timeout)
-    finally:
-        _kill_session(process)
-    return process.returncode, out, err
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
-def train(corpus, out, nproc=1, *extra) -> tuple[int, str, str]:
-    return finish(launch(["train", "--data", corpus, "--out", out, *FAST, *extra], nproc))
 
 
 def records(run: Path, kind: str) -> list[dict]:
