@@ -22,6 +22,33 @@ tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread per progress bar
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the device-generic tests (those that take the `device` "
+                          "fixture): cpu (default) or cuda[:N]; with another device than cpu only "
+                          "those tests run (scripts/gpu-check)")
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The device that device-generic tests build their models and tensors on (--device)."""
+    return torch.device(request.config.getoption("--device"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With --device=cuda, run only the device-generic tests: the others would repeat the CPU
+    run. A device that is not there is a usage error, not a suite of skips."""
+    name = config.getoption("--device")
+    if name == "cpu":
+        return
+    if not name.startswith("cuda") or not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device={name} is not available here; allowed: cpu"
+                                + (", cuda, cuda:N" if torch.cuda.is_available() else ""))
+    keep = [item for item in items if "device" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

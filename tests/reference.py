@@ -17,7 +17,7 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """x [..., T, D] rotated pairwise (i, i + D/2) by angle pos * theta^(-2i/D)."""
     d = x.shape[-1]
     half = d // 2
-    freq = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / d)
+    freq = theta ** (-torch.arange(half, dtype=torch.float64, device=x.device) * 2 / d)
     angle = positions.double()[:, None] * freq[None, :]
     cos, sin = torch.cos(angle), torch.sin(angle)
     x1, x2 = x[..., :half], x[..., half:]
@@ -44,7 +44,7 @@ def multihead(x_q: Tensor, x_k: Tensor, x_v: Tensor, w: dict, prefix: str, heads
     k = (x_k @ w[f"{prefix}.k_proj.weight"].T).view(t, kv_heads, hd).transpose(0, 1)
     v = (x_v @ w[f"{prefix}.v_proj.weight"].T).view(t, kv_heads, hd).transpose(0, 1)
     if theta is not None:
-        pos = torch.arange(t)
+        pos = torch.arange(t, device=x_q.device)
         q, k = rope(q, pos, theta), rope(k, pos, theta)
     k = k.repeat_interleave(heads // kv_heads, dim=0)
     v = v.repeat_interleave(heads // kv_heads, dim=0)

@@ -10,10 +10,11 @@ COMBINATIONS = [(op, mixer) for op in list_depth_operators() for mixer in [None]
 
 
 @pytest.mark.parametrize("operator, mixer", COMBINATIONS)
-def test_forward_backward_reaches_every_parameter(operator, mixer):
+def test_forward_backward_reaches_every_parameter(operator, mixer, device):
     model = ResStreamLM(tiny_config(depth=operator, local_mixer=mixer, n_layers=2))
     perturb_parameters(model)  # zero-initialised parameters (e.g. output gates) get gradients too
-    ids = torch.randint(0, 64, (2, 10))
+    model.to(device)
+    ids = torch.randint(0, 64, (2, 10)).to(device)
     logits = model(ids)
     assert logits.shape == (2, 10, 64) and logits.isfinite().all()
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()

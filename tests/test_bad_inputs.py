@@ -247,7 +247,7 @@ CLI_CASES = {
     # ---- other config fields
     "precision": (train("--train.precision=fp16"), "train.precision='fp16' is invalid"),
     "compile_not_bool": (train("--train.compile=maybe"),
-                         "train.compile='maybe' is invalid; allowed: true or false"),
+                         "train.compile='maybe' is invalid; allowed: true, false or auto"),
     "steps_zero": (train("--steps", "0"), "train.steps=0 is invalid; allowed: an integer >= 1"),
     "steps_fraction": (train("--train.steps=1.5"), "train.steps=1.5 is invalid; allowed: an"),
     "seed_negative": (train("--train.seed=-1"), "train.seed=-1 is invalid"),

@@ -56,9 +56,10 @@ def run_chunks(model: ResStreamLM, ids: torch.Tensor, sizes: list[int]) -> torch
                          ids=[f"{c[0]}-{c[3]}" for c in CASES])
 @torch.no_grad()
 def test_cached_decoding_equals_full_forward(depth_label, depth, depth_options, label, mixer,
-                                             mixer_options):
-    model = build(depth, mixer, mixer_options, depth_options)
-    ids = torch.randint(0, model.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+                                             mixer_options, device):
+    model = build(depth, mixer, mixer_options, depth_options).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (2, SEQ_LEN),
+                        generator=torch.Generator().manual_seed(1)).to(device)
     full = model(ids)
     schedules = {
         "prefill 5 (past the window) + token-by-token decode": [5, 1],

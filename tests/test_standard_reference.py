@@ -9,12 +9,13 @@ from resstream.testing import perturb_parameters, tiny_config
 
 
 @pytest.mark.parametrize("mixer_options", [None, {}, {"rope": False}, {"kv_heads": 2}])
-def test_decoder_matches_float64_reference(mixer_options):
+def test_decoder_matches_float64_reference(mixer_options, device):
     mixer = None if mixer_options is None else "shortswa"
     config = tiny_config(local_mixer=mixer, mixer_options=mixer_options or {}, local_window=3)
     model = ResStreamLM(config).double()
     perturb_parameters(model)
-    ids = torch.randint(0, config.vocab_size, (2, 11))
+    model.to(device)
+    ids = torch.randint(0, config.vocab_size, (2, 11)).to(device)
     torch.testing.assert_close(model(ids), standard_logits(model, ids), rtol=1e-9, atol=1e-9)
 
 

@@ -313,22 +313,36 @@ def test_sample_and_presets_commands(corpus_slice, tmp_path, capsys):
         assert f"\n{name} " in table
 
 
-def test_compile_failure_falls_back_to_eager(corpus_slice, tmp_path, monkeypatch):
-    def broken_compile(model, **kwargs):
-        def fail(*args, **kwargs):
-            raise RuntimeError("no C++ compiler found")
-        return fail
+def _broken_compile(model, **kwargs):
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+    return fail
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    messages: list[str] = []
-    config = TrainConfig.from_dict({
+
+def _compile_config(corpus_slice, mode):
+    return TrainConfig.from_dict({
         "preset": "tiny", "data": {"source": str(corpus_slice), "seq_len": 32, "batch_size": 2},
-        "train": {"steps": 2, "compile": True, "eval_tokens": 64, "final_eval_tokens": 64,
+        "train": {"steps": 2, "compile": mode, "eval_tokens": 64, "final_eval_tokens": 64,
                   "progress": False}})
-    result = Trainer(config, tmp_path / "run", log=messages.append).run()
+
+
+def test_compile_auto_falls_back_to_eager_and_says_so(corpus_slice, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    messages: list[str] = []
+    run = tmp_path / "run"
+    result = Trainer(_compile_config(corpus_slice, "auto"), run, log=messages.append).run()
     assert result.step == 2
     assert any("torch.compile failed (no C++ compiler found); running eagerly" in m
                for m in messages)
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["kind"] == "final" and final["compile"] == "eager fallback: no C++ compiler found"
+
+
+def test_compile_true_fails_loudly_when_compiling_fails(corpus_slice, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    with pytest.raises(UserError, match=r"^train.compile=true: torch.compile failed \(no C\+\+ "
+                                        r"compiler found\); set train.compile=auto"):
+        Trainer(_compile_config(corpus_slice, True), tmp_path / "run", log=lambda m: None).run()
 
 
 def test_commands_in_docs_parse():

@@ -97,7 +97,9 @@ class LoopConfig:
     checkpoint_every: int = 500  # 0: only the final checkpoint
     keep_checkpoints: int = 3  # keep the last K checkpoints
     precision: str = "fp32"  # 'bf16' runs forward passes under bf16 autocast
-    compile: bool = False  # torch.compile the model; falls back to eager if compiling fails
+    # torch.compile the model: true fails the run if compiling fails; "auto" falls back to eager
+    # and says so in the log and in metrics.jsonl's final record
+    compile: bool | str = False
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True  # show a progress bar
@@ -123,6 +125,8 @@ class LoopConfig:
         require(self.precision in PRECISIONS, "train.precision", self.precision,
                  ", ".join(PRECISIONS))
         require(self.log in LOGGERS, "train.log", self.log, ", ".join(LOGGERS))
+        require(self.compile in (True, False, "auto"), "train.compile", self.compile,
+                "true, false or auto")
         from resstream.hardware import parse_device
 
         # syntax only: the device must exist when the run starts, not where the config is read

@@ -395,7 +395,7 @@ class Trainer:
     def _loop(self, model, optimizer, data, device, step, tokens_seen, wall_start) -> TrainResult:
         cfg = self.config
         train_cfg = cfg.train
-        forward = _maybe_compile(model, train_cfg.compile and self.pipeline is None, self.log)
+        forward = self._maybe_compile(model, train_cfg.compile if self.pipeline is None else False)
         autocast_dtype = _autocast_dtype(train_cfg.precision, device, self.log)
         tokens_per_step = cfg.data.batch_size * self.seq_len * cfg.optim.grad_accum
         evals = _read_evals(self.run_dir / METRICS_FILE)
@@ -463,20 +463,43 @@ class Trainer:
                              "val_bpb": final_eval["val_bpb"] if final_eval else None,
                              "tokens_per_s": result.tokens_per_second,
                              "train_seconds": train_seconds, "wall_seconds": result.wall_seconds,
-                             "num_parameters": result.num_parameters})
+                             "num_parameters": result.num_parameters,
+                             "compile": self.compile_outcome})
         return result
+
+    def _maybe_compile(self, model: torch.nn.Module, mode: bool | str) -> Callable:
+        """torch.compile(model) when train.compile is true or auto. Compilation happens at the
+        first step, so a failure there goes through `_compile_failed` too."""
+        self.compile_outcome = "off" if not mode else "compiled"
+        if not mode:
+            return model
+        try:
+            return torch.compile(model)
+        except Exception as error:  # noqa: BLE001
+            return self._compile_failed(model, error)
+
+    def _compile_failed(self, model: torch.nn.Module, error: Exception) -> torch.nn.Module:
+        """train.compile=true: the run ends with the compiler's first line. auto: eager, said in
+        the log and in the final metrics record."""
+        reason = _first_line(error)
+        if self.config.train.compile is True:
+            raise UserError(f"train.compile=true: torch.compile failed ({reason}); set "
+                            f"train.compile=auto to fall back to eager, or false") from error
+        self.log(f"warning: torch.compile failed ({reason}); running eagerly (train.compile=auto)")
+        self.compile_outcome = f"eager fallback: {reason}"
+        return model
 
     def _train_step(self, model, forward, optimizer, data, device, autocast_dtype, step):
         """One optimizer step over grad_accum micro-batches. Returns (mean loss, grad norm, the
-        forward callable to use next; it becomes the eager model if compiling failed)."""
+        forward callable to use next; it becomes the eager model if compiling failed under
+        train.compile=auto)."""
         cfg = self.config
         try:
             loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
         except Exception as error:  # noqa: BLE001 - compile failures have many types
             if forward is model or isinstance(error, UserError):
                 raise
-            self.log(f"warning: torch.compile failed ({_first_line(error)}); running eagerly")
-            forward = model
+            forward = self._compile_failed(model, error)
             loss = self._accumulate(forward, optimizer, data, device, autocast_dtype, step)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         if self.pipeline is not None:  # the global norm over every stage
@@ -697,18 +720,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def _maybe_compile(model: torch.nn.Module, enabled: bool, log) -> Callable:
-    """torch.compile(model) when asked; any failure (here or at the first step) falls back to
-    the eager model with a warning."""
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as error:  # noqa: BLE001
-        log(f"warning: torch.compile unavailable ({_first_line(error)}); running eagerly")
-        return model
 
 
 def _autocast_dtype(precision: str, device: torch.device, log) -> torch.dtype | None:
