@@ -208,3 +208,47 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+STUDY = """
+name: dp-study
+preset: tiny
+seeds: [0, 1]
+budget: {{steps: 3}}
+config:
+  data: {{source: {corpus}, seq_len: 32, batch_size: 4}}
+  optim: {{lr: 3.0e-3, warmup_steps: 0, grad_accum: 2}}
+  train: {{eval_every: 0, eval_tokens: 256, final_eval_tokens: 256, eval_batch_size: 4,
+          threads: 1}}
+variants:
+  baseline: {{}}
+  hyper: {{model: {{depth: hyper}}}}
+systems: {{decode_contexts: [8], decode_steps: 1}}
+"""
+
+
+def test_a_study_runs_its_variants_data_parallel(corpus, tmp_path):
+    """`resstream compare` under torchrun: every run is data-parallel, the numbers are the
+    single-process study's, rank 0 alone writes the report, and no process is left."""
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY.format(corpus=corpus), encoding="utf-8")
+    common = ["compare", study, "--no-progress"]
+    code, _, err = finish(launch([*common, "--out", tmp_path / "one"], 1))
+    assert code == 0, err
+    code, out, err = finish(launch([*common, "--out", tmp_path / "two", "--dp", "ddp"], 2))
+    assert code == 0, err
+    assert out.count("wrote ") == 1 and "2 processes, parallel.dp=ddp" in err
+    single, parallel = (json.loads((tmp_path / name / "results.json").read_text())["variants"]
+                        for name in ("one", "two"))
+    for variant in ("baseline", "hyper"):
+        assert parallel[variant]["val_bpb"] == pytest.approx(single[variant]["val_bpb"], rel=2e-5)
+        run = tmp_path / "two" / "runs" / variant / "seed-0"
+        assert json.loads((run / "config.json").read_text())["parallel"]["dp"] == "ddp"
+    assert (tmp_path / "two" / "report.md").is_file()
+    # the plan is the engine-free one: the same study resumes in one process
+    code, _, err = finish(launch([*common, "--out", tmp_path / "two", "--resume"], 1))
+    assert code == 0, err
+    code, _, err = finish(launch([*common, "--out", tmp_path / "three", "--time-budget", 5,
+                                  "--dp", "ddp"], 2))
+    assert code != 0 and err.count("--time-budget=5.0 is invalid under torchrun") == 2
+    assert not (tmp_path / "three").exists()

@@ -5,6 +5,8 @@
     resstream compare my-study.yaml --out runs/my-study --resume   finish an interrupted study
     resstream report runs/my-study              report.md and figures again, from results.json
     resstream demo                              the same as `resstream compare demo`
+    torchrun --nproc-per-node 2 -m resstream compare my-study.yaml --out runs/my-study --dp ddp
+                                                every run data-parallel over 2 processes
 
 The number of steps of every run follows from the study's budget alone, so a study gives the
 same numbers on every machine; only its wall time differs. The predicted time is printed before
@@ -55,6 +57,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                              "exceeds this (the report says so); default: never lower")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dp", choices=("none", "ddp", "fsdp"), default="none",
+                        help="under torchrun: every run data-parallel with this engine (train's "
+                             "parallel.dp; same global batch and order, so the same study)")
 
 
 def _epilog() -> str:
@@ -77,10 +82,20 @@ def run_compare(args: argparse.Namespace) -> int:
     if smoke_mode() and len(study.seeds) > 2:  # two seeds still exercise the paired statistics
         study.seeds = study.seeds[:smoke_cap(len(study.seeds), 2, "seeds")]
     out = Path(args.out) if args.out else _new_folder(study.name)
-    _check_folder(out, study, args.resume)
-    import torch
+    group = _process_group(args, study)
+    try:
+        return _run_study(args, study, out, group)
+    finally:
+        group.close()
 
-    from resstream.data.cache import prepare_data
+
+def _run_study(args: argparse.Namespace, study: Study, out: Path, group) -> int:
+    """Under torchrun every process runs every run (the trainer gives each rank its rows of the
+    batch); rank 0 alone writes the study folder and, once training is done, measures the
+    systems costs and writes the report while the other ranks exit."""
+    _check_folder(out, study, args.resume)
+    group.barrier()  # every rank has checked the folder before rank 0 writes in it
+    import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,24 +106,59 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.no_progress:
         plan = _without_progress(plan)
     first = next(iter(plan.configs.values()))
-    data = prepare_data(first.data.source, first.data.cache_dir)
-    # smoke mode times nothing: its prediction would cost as much as its runs
-    predicted = 0.0 if smoke_mode() else predict_seconds(plan, data)
-    say = runner.log_to_stderr
+    data = _prepare_data(first, group)
+    # smoke mode times nothing: its prediction would cost as much as its runs; under torchrun
+    # one rank's timing alone would keep the others waiting
+    predicted = 0.0 if smoke_mode() or group.enabled else predict_seconds(plan, data)
+    say = runner.log_to_stderr if group.is_main else (lambda message: None)
     say(f"study {study.name!r}: {len(plan.configs)} variants x {len(study.seeds)} seeds = "
-        f"{len(plan.runs)} runs into {out}; predicted time about {predicted / 60:.1f} min "
-        f"with {torch.get_num_threads()} thread(s)")
+        f"{len(plan.runs)} runs into {out}; " + (
+            f"{group.world_size} processes, parallel.dp={args.dp}" if group.enabled else
+            f"predicted time about {predicted / 60:.1f} min with {torch.get_num_threads()} "
+            "thread(s)"))
     if saved is None:
         plan = _apply_time_budget(plan, args, predicted, out, say)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_or_check_plan(out, plan, study, args.resume)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_or_check_plan(out, plan, study, args.resume)
+    group.barrier()
+    if group.enabled:  # not part of plan.json: the engine does not change what is computed
+        for run in plan.runs:
+            run.config = run.config.with_overrides({"parallel.dp": args.dp})
     runner.execute_runs(plan, data, say)
+    group.close()
+    if not group.is_main:
+        return 0
     results = runner.collect_results(plan, data, say)
     runner.write_json(out / runner.RESULTS_FILE, results)
     path = write_report(out, results)
     print(_summary_text(results))
     print(f"\nwrote {path}, {out / runner.RESULTS_FILE} and {out / 'figures'}/")
     return 0
+
+
+def _process_group(args: argparse.Namespace, study: Study):
+    """The study's process group under torchrun (shared by all its runs), else a disabled one."""
+    from resstream.hardware import parse_device
+    from resstream.parallel.data_parallel import Distributed
+    from resstream.train.config import ParallelConfig
+
+    device = parse_device(study.config.get("train", {}).get("device", "auto"), must_exist=False)
+    timeout_s = study.config.get("parallel", {}).get("timeout_s", ParallelConfig.timeout_s)
+    return Distributed.from_environment(args.dp, float(timeout_s), device)
+
+
+def _prepare_data(config, group):
+    """The prepared corpus; under torchrun rank 0 prepares the cache first, then the others
+    read it (no two processes write one cache)."""
+    from resstream.data.cache import prepare_data
+
+    if not group.is_main:
+        group.barrier()
+    data = prepare_data(config.data.source, config.data.cache_dir)
+    if group.is_main:
+        group.barrier()
+    return data
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -132,6 +182,20 @@ def _check_flags(args: argparse.Namespace) -> None:
                             "machine's logical cores)")
     if args.resume and not args.out:
         raise UserError("--resume needs --out; allowed: --out DIR of the study to continue")
+    if _world_size() > 1:  # every process must name the same folder and plan the same runs
+        if not args.out:
+            raise UserError("compare under torchrun needs --out; allowed: --out DIR, the same "
+                            "for every process")
+        if args.time_budget is not None:
+            raise UserError(f"--time-budget={args.time_budget} is invalid under torchrun; "
+                            "allowed: a single-process study (every process must plan the "
+                            "same steps)")
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _check_folder(out: Path, study: Study, resume: bool) -> None:

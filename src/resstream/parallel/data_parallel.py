@@ -45,6 +45,7 @@ class Distributed:
     local_rank: int = 0
     dp: str = "none"
     pp: int = 1
+    owns_group: bool = False  # this context started the process group (and so ends it)
 
     @property
     def dp_size(self) -> int:
@@ -77,15 +78,16 @@ class Distributed:
             raise UserError(f"parallel.dp='none' is invalid with WORLD_SIZE={world_size} "
                             f"processes{replicas}; allowed: ddp or fsdp under torchrun")
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            try:
-                dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-            except (RuntimeError, ValueError) as error:  # rendezvous failed or timed out
-                raise UserError(f"rank {rank}: cannot join the process group of "
-                                f"{world_size} processes within parallel.timeout_s="
-                                f"{timeout_s:g} s: {_first_line(error)}") from None
-        return cls(rank, world_size, local_rank, dp, pp)
+        if dist.is_initialized():  # a study's group: its runs share it (resstream compare)
+            return cls(rank, world_size, local_rank, dp, pp)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as error:  # rendezvous failed or timed out
+            raise UserError(f"rank {rank}: cannot join the process group of "
+                            f"{world_size} processes within parallel.timeout_s="
+                            f"{timeout_s:g} s: {_first_line(error)}") from None
+        return cls(rank, world_size, local_rank, dp, pp, owns_group=True)
 
     def device(self, device: torch.device) -> torch.device:
         """One accelerator per process: cuda -> cuda:LOCAL_RANK."""
@@ -106,7 +108,7 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
