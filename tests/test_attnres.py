@@ -51,7 +51,29 @@ def reference_full(model, ids):
     return model.lm_head(model.norm(h))
 
 
-def reference_block(model, ids, block_size):
+def ablation_read(op, key, values, eps):
+    """The paper's ablations from the equations, per head h (channels c_h) and source i:
+    a_{h,i} = softmax_i or sigmoid( q[c_h] . K(v_i)[c_h] ),  h = sum_i a_{h,i} v_i[c_h], where
+    q = w_l (static) or W_l RMSNorm(sum_i v_i) (input), K = RMSNorm_g (key norm) or identity."""
+    if len(values) == 1:
+        return values[0]
+    opts = op.options
+    query = op.query[key]
+    if opts.query == "input":
+        x = sum(values)
+        query = torch.einsum("ed,btd->bte", query, rms_norm(x, torch.ones_like(x[0, 0]), eps))
+    keys = [rms_norm(v, op.key_norm[key], eps) if opts.key_norm else v for v in values]
+    width = values[0].shape[-1] // opts.heads
+    out = torch.zeros_like(values[0])
+    for h in range(opts.heads):
+        c = slice(h * width, (h + 1) * width)
+        logits = torch.stack([(query[..., c] * k[..., c]).sum(-1) for k in keys])
+        weights = logits.softmax(0) if opts.weights == "softmax" else logits.sigmoid()
+        out[..., c] = sum(a.unsqueeze(-1) * v[..., c] for a, v in zip(weights, values))
+    return out
+
+
+def reference_block(model, ids, block_size, read=pseudo_query_read):
     """Block AttnRes, the official pseudocode literally: read over blocks + [partial], THEN the
     boundary check (0-based sublayer index % block_size == 0) appends the partial; the partial
     starts as the embedding, so index 0 turns the embedding into block 0. Inactive blocks (and
@@ -61,8 +83,7 @@ def reference_block(model, ids, block_size):
     blocks, partial = [], model.embed(ids)
     for site, sub in sublayer_pairs(model):
         values = blocks + ([partial] if partial is not None else [])
-        h = pseudo_query_read(op, str(site.index), values, eps) if op.is_active(site.layer) \
-            else sum(values)
+        h = read(op, str(site.index), values, eps) if op.is_active(site.layer) else sum(values)
         if site.index % block_size == 0:
             blocks.append(partial)
             partial = None
@@ -70,7 +91,7 @@ def reference_block(model, ids, block_size):
         partial = out if partial is None else partial + out
     values = blocks + [partial]
     last_active = op.is_active(model.config.n_layers - 1)
-    h = pseudo_query_read(op, "final", values, eps) if last_active else sum(values)
+    h = read(op, "final", values, eps) if last_active else sum(values)
     return model.lm_head(model.norm(h)), len(values)
 
 
@@ -100,6 +121,65 @@ def test_block_matches_float64_pseudocode(block_size, changes):
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), expected, rtol=1e-10, atol=1e-10)
     assert model.depth.depth_state_vectors() == n_sources  # sources seen by the final read
+
+
+ABLATIONS = [{"query": "input"}, {"weights": "sigmoid"}, {"heads": 4}, {"key_norm": False},
+             {"query": "input", "weights": "sigmoid", "heads": 2, "key_norm": False}]
+
+
+@pytest.mark.parametrize("switches", ABLATIONS)
+@pytest.mark.parametrize("depth,options,changes", [
+    ("attnres", {}, {}), ("block_attnres", {"block_size": 3}, {"local_mixer": "shortswa"}),
+    ("block_attnres", {"n_blocks": 2}, {"depth_layers": [0, 2]})])
+def test_ablation_switches_match_float64_reference(switches, depth, options, changes):
+    model = build(depth, {**options, **switches}, **changes)
+    assert model.depth.plain  # the switches run on the plain-autograd path
+    block_size = model.depth.block_size
+    expected, _ = reference_block(model, IDS, block_size, read=ablation_read)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("switches", ABLATIONS)
+def test_ablation_switches_gradients_and_weights(switches):
+    model = build("block_attnres", {"block_size": 3, **switches})
+    assert_gradients_match(model, lambda: model(IDS),
+                           lambda: reference_block(model, IDS, 3, read=ablation_read)[0],
+                           rtol=1e-8, atol=1e-11)
+    params = dict(model.depth.named_parameters())
+    per_read = 1 + switches.get("key_norm", True)  # the query (w_l or W_l) and the key norm
+    assert len(params) == per_read * (2 * 3 - 1 + 1)
+    float_model = build("block_attnres", {"block_size": 3, **switches}, dtype=torch.float32)
+    assert_each_parameter_changes_output(float_model, IDS, dict(float_model.depth.named_parameters()))
+
+
+@pytest.mark.parametrize("switches", ABLATIONS)
+def test_ablation_switches_start_at_standard_model(switches):
+    """Zero queries (w_l or W_l) give equal weights, softmax or sigmoid: (1/m or 1/2) x the
+    standard residual, which the next RMSNorm removes (up to eps, hence norm_eps=1e-10)."""
+    torch.manual_seed(0)
+    model = ResStreamLM(tiny_config(depth="block_attnres", depth_options=switches, norm_eps=1e-10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), baseline_twin(model)(IDS), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("switches", ABLATIONS)
+def test_ablation_switches_decode_incrementally(switches):
+    model = build("block_attnres", {"block_size": 3, **switches})
+    with torch.no_grad():
+        full = model(IDS)
+    torch.testing.assert_close(cached_logits(model, IDS, prefill=3), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_blocks,block_size", [(3, 2), (2, 3), (4, 2), (8, 1), (1, 6)])
+def test_n_blocks_sets_sublayers_per_block(n_blocks, block_size):
+    """N blocks over the 6 sublayers: S = ceil(6 / N) (the paper's N = 8 on a deep model)."""
+    by_count = build("block_attnres", {"n_blocks": n_blocks})
+    assert by_count.depth.block_size == block_size
+    by_size = build("block_attnres", {"block_size": block_size})
+    by_size.load_state_dict(by_count.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(by_count(IDS), by_size(IDS), rtol=0, atol=0)
 
 
 def test_block_size_one_is_full_attnres():
@@ -291,9 +371,14 @@ def test_accounting():
 
 
 @pytest.mark.parametrize("options", [{"block_size": 0}, {"block_size": -2}, {"window": 3},
-                                     {"block_size": "four"}, {"block_size": 2.5}])
+                                     {"block_size": "four"}, {"block_size": 2.5},
+                                     {"n_blocks": 0}, {"block_size": 2, "n_blocks": 8},
+                                     {"query": "dynamic"}, {"weights": "relu"}, {"heads": 3},
+                                     {"heads": 0}, {"key_norm": "no"}])
 def test_options_validated(options):
-    with pytest.raises(UserError, match="block_size|window"):
+    with pytest.raises(UserError, match="block_size|window|n_blocks|query|weights|heads|key_norm") \
+            as error:
         tiny_config(depth="block_attnres", depth_options=options)
+    assert "\n" not in str(error.value)
     with pytest.raises(UserError):
         tiny_config(depth="attnres", depth_options={"block_size": 2})

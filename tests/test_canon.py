@@ -1,12 +1,17 @@
 """Canon layers (mixers/canon.py): h + sum_{i<k} w_i ⊙ h_{t-i} against a float64 loop reference,
 the A/B/C/D placements (each built where it belongs and each changing the output), the exact
 baseline at zero init, options, and cached chunked decoding."""
+import math
+
 import pytest
 import torch
+import torch.nn as nn
 
 from resstream.cache import ForwardContext
 from resstream.depth.base import QKVViews
 from resstream.errors import UserError
+from resstream.mixers.canon import Canon
+from resstream.mixers.shortconv import CausalDepthwiseConv
 from resstream.model import ResStreamLM
 from resstream.testing import copy_shared_weights, perturb_parameters, tiny_config
 
@@ -76,10 +81,31 @@ def test_zero_init_is_exactly_the_baseline():
     torch.testing.assert_close(model(ids), plain(ids))
 
 
-def test_small_init_starts_near_identity():
-    model = ResStreamLM(tiny_config(local_mixer="canon"))
-    conv = slot_module(model.blocks[0], "C")
-    assert 0 < conv.weight.abs().max() < 0.2  # N(0, init_std=0.02) taps
+@pytest.mark.parametrize("kernel,bias", [(4, False), (3, True)])
+def test_default_init_is_nn_conv1d_reset_parameters(kernel, bias):
+    """The released code resets every Canon conv with nn.Conv1d.reset_parameters: on one seed
+    the default taps (and bias) are exactly those of a depthwise nn.Conv1d."""
+    init = Canon.Options().init
+    torch.manual_seed(3)
+    ours = CausalDepthwiseConv(24, kernel, bias, "none", residual=True, init=init)
+    torch.manual_seed(3)
+    torch_conv = nn.Conv1d(24, 24, kernel, groups=24, bias=bias)
+    torch.testing.assert_close(ours._conv_weight(), torch_conv.weight, rtol=0, atol=0)
+    if bias:
+        torch.testing.assert_close(ours.bias, torch_conv.bias, rtol=0, atol=0)
+
+
+def test_default_init_spans_the_conv1d_bounds():
+    model = ResStreamLM(tiny_config(local_mixer="canon", mixer_options={"kernel": 4}))
+    taps = torch.cat([slot_module(model.blocks[0], letter).weight.flatten() for letter in "ABCD"])
+    bound = 1 / math.sqrt(4)  # fan_in = k for a depthwise conv
+    assert taps.abs().max() <= bound and taps.abs().max() > 0.9 * bound
+
+
+def test_small_init_option_draws_normal_taps():
+    model = ResStreamLM(tiny_config(local_mixer="canon", mixer_options={"init": "small"}))
+    taps = torch.cat([slot_module(model.blocks[0], letter).weight.flatten() for letter in "ABCD"])
+    assert 0 < taps.abs().max() < 0.2 and abs(taps.std().item() - 0.02) < 0.003  # N(0, init_std)
 
 
 def test_attention_input_views_keep_separate_histories():

@@ -23,7 +23,18 @@ ATOL = 1e-5
 MIXERS = ([("none", None, {})] + [(name, name, {}) for name in list_local_mixers()]
           + [("shortswa-only", "shortswa", {"replace_attention": True})])
 # non-default operator variants that keep cross-token state (DDL's TC compressor, EC expander)
-DEPTH_VARIANTS = {"ddl": [("ddl-tc-ec", {"value_dim": 2, "compressor": "tc", "expander": "ec"})]}
+DEPTH_VARIANTS = {
+    "ddl": [("ddl-tc-ec", {"value_dim": 2, "compressor": "tc", "expander": "ec"})],
+    # the AttnRes ablation switches run on a plain-autograd path, decode included
+    "block_attnres": [(f"block_attnres-{k}", {"block_size": 3, k: v}) for k, v in
+                      (("query", "input"), ("weights", "sigmoid"), ("heads", 4),
+                       ("key_norm", False))],
+    "attnres": [("attnres-ablations", {"query": "input", "weights": "sigmoid", "heads": 2,
+                                       "key_norm": False})],
+    # the released code's block order and no final read
+    "delta_attnres": [("delta_attnres-code", {"granularity": "block", "block_size": 2,
+                                              "block_append": "after_read", "final_read": False})],
+}
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()
     if name in list_depth_operators() for label, options in variants]

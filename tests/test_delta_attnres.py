@@ -28,15 +28,18 @@ def mixture(op, key, sources, eps):
 def reference_delta(model, ids):
     """h_in = x + gate * mixture(deltas); x <- x + f(Norm(h_in)). Block deltas are stored as
     x(boundary k) - x(boundary k-1), literally; boundaries before every sublayer whose index is a
-    positive multiple of block_size, and at the end of the model."""
+    positive multiple of block_size, and at the end of the model. block_append="after_read" (the
+    released code): the embedding and each block delta are appended after the read at the
+    boundary. final_read=False: the final norm sees x."""
     op, eps, opts = model.depth, model.config.norm_eps, model.depth.options
     block_size = opts.block_size if opts.granularity == "block" else 1
+    after = opts.block_append == "after_read"
     ctx = model.context(ids.shape[1], None, ids.device)
     x = x0 = model.embed(ids)
-    sources, boundary = [x0], x0
+    sources, boundary = ([] if after else [x0]), x0
 
     def read(key, index, active):
-        if not active:
+        if not active or not sources:
             return x
         m = sources[0] if len(sources) == 1 else mixture(op, key, sources, eps)
         if opts.gate == "alpha":  # no gate at the first read: it would only rescale x_0
@@ -45,14 +48,20 @@ def reference_delta(model, ids):
 
     for block in model.blocks:
         for site, sub in zip(block.sites, block.sublayers()):
-            if site.index > 0 and site.index % block_size == 0:
+            at_boundary = site.index % block_size == 0
+            if at_boundary and site.index > 0 and not after:
                 sources.append(x - boundary)
                 boundary = x
             h = read(str(site.index), site.index, op.is_active(site.layer))
+            if at_boundary and after:
+                sources.append(x0 if site.index == 0 else x - boundary)
+                boundary = x
             x = x + sub(sub.norm(h), ctx)
     if not torch.equal(x, boundary):
         sources.append(x - boundary)
-    h = read("final", -1, op.is_active(model.config.n_layers - 1))
+    h = x
+    if opts.final_read:
+        h = read("final", -1, op.is_active(model.config.n_layers - 1))
     return model.lm_head(model.norm(h))
 
 
@@ -72,6 +81,10 @@ CASES = [
     ({"granularity": "block", "block_size": 4, "gate": "alpha"}, {"local_mixer": "shortswa"}),
     ({"granularity": "block", "block_size": 3, "query_init": "normal"}, {"depth_layers": [0, 2]}),
     ({}, {"depth_layers": [1]}),
+    ({"final_read": False}, {}),
+    ({"granularity": "block", "block_size": 2, "block_append": "after_read"}, {}),
+    ({"granularity": "block", "block_size": 3, "block_append": "after_read", "gate": "alpha",
+      "final_read": False}, {"local_mixer": "shortswa", "depth_layers": [0, 2]}),
 ]
 
 
@@ -82,8 +95,9 @@ def test_matches_float64_reference(options, changes):
         torch.testing.assert_close(model(IDS), reference_delta(model, IDS), rtol=1e-10, atol=1e-10)
 
 
-def test_gradients_match_reference():
-    model = build({"granularity": "block", "block_size": 3, "gate": "alpha"})
+@pytest.mark.parametrize("append", ["before_read", "after_read"])
+def test_gradients_match_reference(append):
+    model = build({"granularity": "block", "block_size": 3, "gate": "alpha", "block_append": append})
     assert_gradients_match(model, lambda: model(IDS), lambda: reference_delta(model, IDS),
                            rtol=1e-8, atol=1e-11)
 
@@ -100,6 +114,29 @@ def test_block_deltas_are_differences_of_consecutive_boundaries():
     torch.testing.assert_close(reads[4], x0 * (111 + (1 + 10 + 100) / 3))
     # final read: x = 1111, sources (1, 10, 100, 1000); the bug would give 1111 + 280.5
     torch.testing.assert_close(final, x0 * (1111 + (1 + 10 + 100 + 1000) / 4))
+
+
+def test_after_read_appends_a_finished_block_after_the_next_read():
+    """The released code's order: the read at a boundary does not see the block finished there
+    (nor the first read the embedding). Same numbers as above: embedding 1, blocks 10, 100, 1000."""
+    model = build({"granularity": "block", "block_size": 2, "block_append": "after_read"},
+                  perturb=False)
+    x0 = torch.ones(1, 1, 32, dtype=torch.float64)
+    outputs = [x0 * v for v in (5, 5, 50, 50, 500, 500)]
+    reads, final = run_operator_hooks(model.depth, x0, outputs)
+    torch.testing.assert_close(reads[0], x0)  # no source yet: h = x_0 (before_read: 2 x_0)
+    torch.testing.assert_close(reads[2], x0 * (11 + 1))  # the embedding only
+    torch.testing.assert_close(reads[4], x0 * (111 + (1 + 10) / 2))  # not yet block 2 (100)
+    torch.testing.assert_close(reads[5], x0 * (611 + (1 + 10 + 100) / 3))
+    torch.testing.assert_close(final, x0 * (1111 + (1 + 10 + 100 + 1000) / 4))
+
+
+def test_without_final_read_the_final_norm_sees_x():
+    model = build({"final_read": False}, perturb=False)
+    x0 = torch.ones(1, 1, 32, dtype=torch.float64)
+    _, final = run_operator_hooks(model.depth, x0, [x0 * v for v in (2, 3, 4, 5, 6, 7)])
+    torch.testing.assert_close(final, x0 * 28)  # x, where the final read gives 28 + 28 / 7
+    assert "final" not in model.depth.query
 
 
 def test_sublayer_sources_at_init_are_plain_deltas():
@@ -155,6 +192,8 @@ def test_query_init_options():
     ({"gate": "alpha"}, 3 * 6),  # query, key norm, gate per read but the first, + final
     ({"granularity": "block", "block_size": 3}, 2 * 4),  # reads at sublayers 3, 4, 5 and final
     ({"granularity": "block", "block_size": 2, "gate": "alpha"}, 2 * 5 + 6),
+    ({"granularity": "block", "block_size": 2, "block_append": "after_read"}, 2 * 4),  # 3, 4, 5, final
+    ({"final_read": False}, 2 * 5),  # reads at sublayers 1 .. 5
 ])
 def test_every_learned_weight_matters(options, n_params):
     model = build(options, dtype=torch.float32)
@@ -169,7 +208,9 @@ def test_no_active_layer_is_the_standard_model():
         torch.testing.assert_close(model(IDS), baseline_twin(model)(IDS), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [{}, {"granularity": "block", "block_size": 3}])
+@pytest.mark.parametrize("options", [{}, {"granularity": "block", "block_size": 3},
+                                     {"granularity": "block", "block_size": 2,
+                                      "block_append": "after_read", "final_read": False}])
 def test_incremental_decoding_matches_full_forward(options):
     model = build(options, local_mixer="shortswa")
     with torch.no_grad():
@@ -188,7 +229,10 @@ def test_accounting():
 
 @pytest.mark.parametrize("options", [{"granularity": "layer"}, {"block_size": 0},
                                      {"query_init": "uniform"}, {"gate": "sigmoid"},
-                                     {"null_source": True}, {"gate": 1}])
+                                     {"null_source": True}, {"gate": 1}, {"final_read": "no"},
+                                     {"block_append": "code"}, {"block_append": "after_read"}])
 def test_options_validated(options):
-    with pytest.raises(UserError, match="granularity|block_size|query_init|gate|null_source"):
+    with pytest.raises(UserError, match="granularity|block_size|query_init|gate|null_source|"
+                                        "final_read|block_append") as error:
         tiny_config(depth="delta_attnres", depth_options=options)
+    assert "\n" not in str(error.value)

@@ -89,3 +89,13 @@ def test_option_override_and_depth_window(capsys):
 def test_bad_flags_give_one_line_errors(capsys, flags, message):
     code, _, err = run_cli(capsys, *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_vertical_says_its_form_is_not_from_the_paper(capsys, json_table):
+    """Vertical Attention's paper text could not be found: the table says so under the rows."""
+    code, out, _ = run_cli(capsys)
+    assert code == 0
+    notes = out.split("Notes:", 1)[1].split("Sequence-axis local mixers:", 1)[0]
+    assert "`vertical`: the paper's text could not be found" in notes
+    vertical = next(r for r in json_table["operators"] if r["operator"] == "vertical")
+    assert "not from the paper" in vertical["source_note"]

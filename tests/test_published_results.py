@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from resstream.compare.report import write_report
+from resstream.config import ModelConfig
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 PUBLISHED = sorted(p.parent for p in RESULTS.glob("*/results.json"))
@@ -31,3 +32,14 @@ def test_published_report_regenerates_byte_for_byte(folder, tmp_path):
 def test_the_published_studies_are_there():
     names = {p.name for p in PUBLISHED}
     assert "paper" in names, "docs/results/paper is missing (run `resstream compare paper`)"
+
+
+@pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
+def test_published_model_configs_still_load(folder):
+    """Each recorded model config is still valid today; a default that changed since a study
+    ran is pinned in its record (canon ran with init "small", its default at the time)."""
+    results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    for name, variant in results["variants"].items():
+        config = ModelConfig.from_dict(variant["model_config"])
+        if config.local_mixer == "canon":
+            assert config.mixer_opts.init == "small", name

@@ -30,7 +30,7 @@ from resstream.errors import UserError
 from resstream.flops import training_flops_per_token
 from resstream.registry import DEPTH_OPERATORS, LOCAL_MIXERS
 
-METADATA = ("aggregates", "mixing", "granularity", "starts_at_baseline", "paper")
+METADATA = ("aggregates", "mixing", "granularity", "starts_at_baseline", "paper", "source_note")
 RESERVED_KEYS = ("depth", "depth_options", "depth_window", "local_mixer", "mixer_options")
 
 
@@ -218,6 +218,8 @@ def to_markdown(table: dict[str, Any]) -> str:
                      cross, _formula_text(r["pipeline_formula"], r["pipeline_vectors"]),
                      f"{r['pipeline_vectors']:g}x", _flops_text(r, config)])
     lines.append(format_table(headers, rows))
+    notes = [f"- `{r['operator']}`: {r['source_note']}" for r in table["operators"] if r.get("source_note")]
+    lines += ["", "Notes:", "", *notes] if notes else []
     lines += ["", "Sequence-axis local mixers:", ""]
     mixer_rows = []
     for r in table["mixers"]:

@@ -29,7 +29,8 @@ the same loss; 4 is its 16-layer ablation setting; the 48B model uses 6).
 
 Final read: one more aggregation with its own pseudo-query and key norm over every source
 (completed blocks + partial) before the model's final norm and LM head (Megatron-LM PR #6840
-and the Delta-AttnRes code do this; the README pseudocode stops at the last layer).
+and the Kimi-style `block` mode of the Delta-AttnRes code do this; the README pseudocode stops
+at the last layer).
 
 The first sublayer reads a single source (the embedding, weight 1), so it has no parameters.
 
@@ -42,6 +43,25 @@ RMSNorm(x/m) acts like RMSNorm(x) with eps * m^2. With init_std = 0.02 embedding
 loss 4.38 vs 3.74) and 0.11 (Block, S = 4) at norm_eps = 1e-5, but <= 2e-5 at norm_eps = 1e-10.
 So AttnRes starts at the baseline only for small norm_eps (tests use 1e-10); with the default eps
 Full AttnRes starts visibly away from it. The same holds for the final read.
+
+Ablation switches (the paper's section-5 ablations, options of both operators; the paper's
+text on them was not available to us, so their exact forms are ours, from its one-line
+descriptions; defaults = the method):
+- `query="input"`: an input-dependent query q_l = W_l x_l / rms(x_l) instead of the static w_l,
+  with x_l the plain running sum of the sources (the standard residual stream at that read),
+  rms(x) = sqrt(mean(x^2) + eps), and W_l in R^{d x d}, zero-initialised like w_l (so the model
+  still starts at uniform weights).
+- `weights="sigmoid"`: a_i = sigmoid(q^T RMSNorm(v_i)), each source weighted independently
+  (weights do not sum to 1; at init every a_i = 1/2).
+- `heads=H`: per-head depth mixing: the d channels split into H groups of d/H, each with its
+  own logits (the query's and normalised keys' dot product over the group's channels) and
+  weights; the key RMSNorm still normalises over all d channels.
+- `key_norm=False`: logits q^T v_i on the raw sources (no key RMSNorm, no norm weight).
+Any switch off its default runs a plain-autograd path (`PlainState`, `_ablation_mix`: stacked
+sources, autograd through ordinary ops, in training, prefill and decode alike) instead of the
+fused two-phase path and its decode workspace below, which serve only the defaults.
+`block_attnres` takes either `block_size` (S sublayers per block, default 4) or `n_blocks`
+(the paper's N, e.g. 8: S = ceil(sublayers / N)), not both.
 
 depth_layers: an inactive block's sublayers read the running plain sum of every source (exactly
 the standard residual stream) and still write their outputs as sources; the final read is active
@@ -80,6 +100,40 @@ from resstream.registry import register_depth_operator
 from resstream.routing import depth_attention_result, site_label
 
 CHUNK = 4  # the minimum number of reads per phase
+QUERIES = ("static", "input")
+WEIGHTINGS = ("softmax", "sigmoid")
+
+
+@dataclass
+class AblationOptions:
+    """The paper's ablation switches (section 5); any non-default value runs the plain path."""
+    query: str = "static"  # "static" (pseudo-query w_l) | "input" (W_l RMSNorm(x), x = plain sum)
+    weights: str = "softmax"  # "softmax" | "sigmoid" (each source weighted independently)
+    heads: int = 1  # > 1: per-head depth mixing, the d channels split into `heads` groups
+    key_norm: bool = True  # False: logits w^T v_i, without RMSNorm on the keys
+
+
+def validate_ablations(config, options) -> None:
+    require(options.query in QUERIES, "depth_options.query", options.query, ", ".join(QUERIES))
+    require(options.weights in WEIGHTINGS, "depth_options.weights", options.weights,
+            ", ".join(WEIGHTINGS))
+    require(options.heads >= 1 and config.d_model % options.heads == 0, "depth_options.heads",
+            options.heads, f"a divisor of d_model={config.d_model} (1: one weight per source)")
+
+
+def is_ablation(options) -> bool:
+    """Whether any ablation switch is off its default (the fused path serves only defaults)."""
+    switches = ("query", "weights", "heads", "key_norm")
+    return isinstance(options, AblationOptions) and any(
+        getattr(options, f) != getattr(AblationOptions, f) for f in switches)
+
+
+@dataclass
+class PlainState:
+    """Depth state of the plain-autograd path: the sources (embedding, completed blocks) as a
+    list and the running partial sum of the current block."""
+    sources: list
+    partial: Tensor | None
 
 
 class NormalizedScores(torch.autograd.Function):
@@ -269,7 +323,7 @@ class PseudoQueryReads(DepthOperator):
         # reads are scheduled in phases of whole blocks, at least CHUNK reads long
         self.phase_length = block_size * -(-CHUNK // block_size)
         self.eps = config.norm_eps
-        self.final_active = self.is_active(config.n_layers - 1)
+        self.final_active = self.is_active(config.n_layers - 1) and self.has_final_read()
         # a read that sees a single source (the embedding, weight 1) has no query parameters
         reads = [(s.index, str(s.index)) for s in sites
                  if self.is_active(s.layer) and self._sees_several_sources(s.index)]
@@ -290,6 +344,10 @@ class PseudoQueryReads(DepthOperator):
             phase = index // self.phase_length
             start = self.phase_columns.get(phase, range(column, column)).start
             self.phase_columns[phase] = range(start, column + 1)
+
+    def has_final_read(self) -> bool:
+        """Whether a read with its own pseudo-query runs after the last sublayer."""
+        return True
 
     def _sees_several_sources(self, index: int) -> bool:
         """Whether the read before sublayer `index` has more than the embedding to attend to:
@@ -324,10 +382,14 @@ class PseudoQueryReads(DepthOperator):
             # Block boundary: the partial sum is complete. The official pseudocode reads over
             # (blocks + partial) and then appends the partial; appending first and reading over
             # the blocks is the same set of values. At index 0 the partial is the embedding.
-            self._append(state.sources, state.partial)
-            state.partial = None
+            self._close_block(state)
         if index % self.phase_length == 0:
             self._start_phase(state.sources, index // self.phase_length)
+
+    def _close_block(self, state: AttnResState) -> None:
+        """The running partial sum becomes a source; the next write starts a new one."""
+        self._append(state.sources, state.partial)
+        state.partial = None
 
     def _start_phase(self, sources: DepthSources, phase: int) -> None:
         settle(sources)
@@ -524,12 +586,27 @@ class BlockAttnResBase(PseudoQueryReads):
     paper = "Kimi Team, Attention Residuals (arXiv 2603.15031)"
     starts_at_baseline = True  # zero pseudo-queries; exact up to the norms' eps (see docstring)
 
+    def __init__(self, config, sites, options, block_size: int):
+        super().__init__(config, sites, options, block_size)
+        self.plain = is_ablation(options)
+        if self.plain:  # the ablation switches' parameters (see the module docstring)
+            d = config.d_model
+            if options.query == "input":  # W_l, zero: uniform weights at init, as w_l = 0
+                self.query = nn.ParameterDict({k: nn.Parameter(torch.zeros(d, d))
+                                               for k in self.column})
+            if not options.key_norm:
+                self.key_norm = nn.ParameterDict()
+
     def init_state(self, x0, ctx):
+        if self.plain:
+            return PlainState([], x0)
         if is_decode_step(x0):
             return decode_workspace(self, x0, ctx).begin(x0, keep_total=self.n_inactive > 0)
         return self._new_state(x0, keep_total=self.n_inactive > 0)
 
-    def _read(self, state: AttnResState, index: int, key: str | None) -> Tensor:
+    def _read(self, state, index: int, key: str | None) -> Tensor:
+        if isinstance(state, PlainState):
+            return self._plain_read(state, index, key)
         self._next_site(state, index)
         if index == 0:
             return state.embedding  # the only source
@@ -544,7 +621,67 @@ class BlockAttnResBase(PseudoQueryReads):
         if isinstance(state, AttnResWorkspace):
             state.write(site.index, out)
             return state
+        if isinstance(state, PlainState):
+            state.partial = out if state.partial is None else state.partial + out
+            return state
         return super().write(state, site, out, ctx)
+
+    # ---------------------------------------------------------------- plain path (ablations)
+    def _plain_read(self, state: PlainState, index: int, key: str | None) -> Tensor:
+        """The read with plain autograd ops, as the equations: the same block bookkeeping as
+        `_next_site` (the partial becomes a source at every boundary, the embedding at 0)."""
+        if index < len(self.sites) and index % self.block_size == 0:
+            state.sources.append(state.partial)
+            state.partial = None
+        values = state.sources + ([] if state.partial is None else [state.partial])
+        if key is None:  # the first read (the embedding alone) or an inactive one (plain sum)
+            return values[0] if index == 0 else sum(values[1:], values[0])
+        return self._ablation_mix(key, values)
+
+    def _ablation_mix(self, key: str, values: list[Tensor]) -> Tensor:
+        """sum_i a_i v_i per head, a = softmax_i or sigmoid of q^T K(v_i) over the head's
+        channels; q = w_l or W_l RMSNorm(sum_i v_i); K = RMSNorm_l or the identity."""
+        dtype, opts, heads = compute_dtype(values[0].dtype), self.options, self.options.heads
+        with torch.autocast(values[0].device.type, enabled=False):
+            v = torch.stack(values, -2).to(dtype)  # [B, T, m, d]
+            keys = v
+            if opts.key_norm:
+                keys = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + self.eps)
+                keys = keys * self.key_norm[key].to(dtype)
+            query = self.query[key].to(dtype)
+            if opts.query == "input":  # from the plain running sum, the standard residual here
+                x = v.sum(-2)
+                query = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)) @ query.t()
+                query = query.unsqueeze(-2)  # [B, T, 1, d]
+            split = v.shape[:-1] + (heads, v.shape[-1] // heads)
+            logits = (keys * query).view(split).sum(-1)  # [B, T, m, H]
+            weights = logits.softmax(-2) if opts.weights == "softmax" else logits.sigmoid()
+            if self._routing is not None:
+                self._record_plain(key, weights)
+            out = (weights.unsqueeze(-1) * v.view(split)).sum(-3).flatten(-2)
+        return out.to(values[0].dtype)
+
+    def _record_plain(self, key: str, weights: Tensor) -> None:
+        reader = "final" if key == "final" else site_label(self.sites[int(key)])
+        labels = [self._source_label(i) for i in range(weights.shape[-2])]
+        heads = [f"h{h}" for h in range(weights.shape[-1])] if weights.shape[-1] > 1 else None
+        per_head = weights.transpose(-1, -2) if heads else weights[..., 0]
+        self._routing.add_weights(reader, labels, per_head, heads)
+
+    def routing_result(self, recorder) -> dict:
+        """As PseudoQueryReads; sigmoid weights (an ablation) do not sum to 1."""
+        return depth_attention_result(recorder, normalised=self.options.weights == "softmax")
+
+    def stage_state(self, state, layer: int) -> tuple[Tensor, ...]:
+        if isinstance(state, PlainState):
+            return (*state.sources, state.partial)
+        return super().stage_state(state, layer)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int):
+        if self.plain:
+            *sources, partial = tensors
+            return PlainState(list(sources), partial)
+        return super().from_stage_state(tensors, layer)
 
     def finalize(self, state, ctx):
         if isinstance(state, AttnResWorkspace):
@@ -585,11 +722,15 @@ class BlockAttnResBase(PseudoQueryReads):
         softmax mix, 2 m d; the key RMS of each source, d, once per completed source (embedding
         and block sums) and once per read for the running partial it sees. Reads of a single
         source or of an inactive block (the plain sum) are free. (The implementation scores
-        each source against every query at once; counted here as the equations.)"""
+        each source against every query at once; counted here as the equations.) Ablations:
+        query="input" adds d^2 per read (W_l x); key_norm=False saves the key RMS (not
+        subtracted here: an upper bound); sigmoid weights and heads cost the same."""
         if not self.column:
             return 0
         d, n_sites = self.d_model, len(self.sites)
         total = d * -(-n_sites // self.block_size)  # completed sources: a boundary every S sublayers
+        if self.plain and self.options.query == "input":  # W_l RMSNorm(x) per read
+            total += len(self.column) * d * d
         for key in self.column:
             index = n_sites if key == "final" else int(key)
             partial_seen = index == n_sites or index % self.block_size != 0
@@ -608,6 +749,14 @@ class FullAttnRes(BlockAttnResBase):
                   "output, replacing the residual")
     granularity = "sublayer"
 
+    @dataclass
+    class Options(AblationOptions):
+        pass
+
+    @classmethod
+    def validate_config(cls, config, options) -> None:
+        validate_ablations(config, options)
+
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options, block_size=1)
 
@@ -619,13 +768,27 @@ class BlockAttnRes(BlockAttnResBase):
     granularity = "block"
 
     @dataclass
-    class Options:
-        block_size: int = 4  # sublayers per block (attention + MLP = 2 per layer)
+    class Options(AblationOptions):
+        block_size: int | None = None  # sublayers per block (attention + MLP = 2 per layer); 4
+        n_blocks: int | None = None  # or the number of blocks N (the paper's N = 8)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
-        require(options.block_size >= 1, "depth_options.block_size", options.block_size,
-                "an integer >= 1 (sublayers per block; 1 = Full AttnRes)")
+        require(options.block_size is None or options.n_blocks is None, "depth_options.n_blocks",
+                options.n_blocks, "null when block_size is set (give one of the two)")
+        require(options.block_size is None or options.block_size >= 1, "depth_options.block_size",
+                options.block_size, "an integer >= 1 (sublayers per block; 1 = Full AttnRes)")
+        require(options.n_blocks is None or options.n_blocks >= 1, "depth_options.n_blocks",
+                options.n_blocks, "an integer >= 1 (blocks over all sublayers)")
+        validate_ablations(config, options)
 
     def __init__(self, config, sites, options):
-        super().__init__(config, sites, options, block_size=options.block_size)
+        super().__init__(config, sites, options, block_size=self.sublayers_per_block(sites, options))
+
+    @staticmethod
+    def sublayers_per_block(sites, options) -> int:
+        """`block_size`, or S = ceil(sublayers / n_blocks): at most N blocks, exactly N when N
+        divides the sublayers (N >= the sublayers: every sublayer its own block); default 4."""
+        if options.n_blocks is not None:
+            return -(-len(sites) // options.n_blocks)
+        return 4 if options.block_size is None else options.block_size

@@ -200,6 +200,8 @@ class DepthOperator(nn.Module):
     aggregates: ClassVar[str] = ""
     mixing: ClassVar[str] = "none"  # "none" | "static" | "dynamic"
     paper: ClassVar[str] = ""
+    # a caveat about the source, printed under the table (e.g. a form not read from the paper)
+    source_note: ClassVar[str] = ""
     starts_at_baseline: ClassVar[bool] = True
     uses_depth_window: ClassVar[bool] = False
     cross_token_state: ClassVar[bool] = False

@@ -17,21 +17,34 @@ Sources (`granularity`):
   from the third on (embedding 1, block deltas 10, 100, 1000 are stored as 1, 10, 101, 1010).
   We do not reproduce that bug; tests/test_delta_attnres.py checks the bookkeeping.
   A boundary falls before every sublayer whose global 0-based index is a positive multiple of
-  `block_size`, so the first read of a block sees the block just completed (as in Block AttnRes);
-  the running sum of the current block is not a source. The end of the model closes the last
+  `block_size`; the running sum of the current block is not a source. When a finished block
+  becomes a source is `block_append` (below). The end of the model closes the last
   block, so the final read sees every sublayer's output. `block_size` counts sublayers
   (attention + MLP = 2 per layer) as in `block_attnres`, default 4; the code counts layers
   (num_blocks = 4 => ceil(L / 4) layers per block), i.e. code B layers = our 2B sublayers.
 
 Reads that see a single source (the first sublayer; with block granularity every read before the
-first block boundary) attend to the embedding with weight 1 and have no query parameters. The
+first block is appended) attend to the embedding with weight 1 and have no query parameters. The
 first read is h = x_0 + x_0, or x_0 with gate="alpha" (there a gate would only rescale x_0, which
-the norm removes, so it has none).
+the norm removes, so it has none) or with block_append="after_read".
 
-Final read: one more read with its own query and key norm, h = x + gate * mixture, before the
-final norm and LM head (as the released code does).
+Final read (`final_read`): True (default) runs one more read with its own query and key norm,
+h = x + gate * mixture, before the final norm and LM head, as Block AttnRes does. The released
+code does NOT do this for its delta modes (its final routing runs only in its block, block_v,
+full and delta_centered_reset modes): there the final norm sees x; `final_read=False` is that.
+The paper text we could find (abstract and introduction) does not say, so our earlier choice
+stays the default.
 
-Our choices where text and code differ (docs/design.md, decision 4: paper text by default):
+Block append (`block_append`, block granularity only): "before_read" (default) appends a
+finished block before the read of the next block's first sublayer, so that read sees it (Block
+AttnRes's order). "after_read" is the released code's `delta_block` mode: the block delta (and,
+at the first sublayer, the embedding) is appended after that read, so the first read of a block
+sees only the blocks before the one just finished, and the model's first read sees no source
+(h = x_0). The paper text we could find does not say which.
+
+Our choices where text and code differ (docs/design.md, decision 4: paper text by default;
+where the text is silent, as for the two points above, our choice is the default and the code's
+an option):
 - `query_init="zero"` (paper text) by default; `"normal"` is the code's N(0, 0.02) (we use the
   config's init_std, 0.02 by default).
 - `gate="none"` (the paper's method, no gate) by default: at init (zero queries, uniform weights)
@@ -49,7 +62,7 @@ Implementation: the depth sources, pseudo-queries and the two-phase softmax read
 attnres.py (PseudoQueryReads); x is the running plain sum of all sublayer outputs.
 
 depth_layers: an inactive block's sublayers read x (standard addition) and still produce deltas;
-the final read is active iff the last block is.
+the final read runs iff `final_read` and the last block is active.
 """
 from __future__ import annotations
 
@@ -65,6 +78,7 @@ from resstream.registry import register_depth_operator
 GRANULARITIES = ("sublayer", "block")
 QUERY_INITS = ("zero", "normal")
 GATES = ("none", "alpha")
+BLOCK_APPENDS = ("before_read", "after_read")
 
 
 @register_depth_operator("delta_attnres")
@@ -80,6 +94,8 @@ class DeltaAttnRes(PseudoQueryReads):
         block_size: int = 4  # sublayers per block when granularity="block"
         query_init: str = "zero"  # "zero" (paper) | "normal" (code: N(0, init_std))
         gate: str = "none"  # "none" (paper) | "alpha" (learnable scalar per read, init 0)
+        final_read: bool = True  # True (ours) | False (code: the final norm sees x)
+        block_append: str = "before_read"  # "before_read" (ours) | "after_read" (code)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
@@ -90,6 +106,11 @@ class DeltaAttnRes(PseudoQueryReads):
         require(options.query_init in QUERY_INITS, "depth_options.query_init", options.query_init,
                 ", ".join(QUERY_INITS))
         require(options.gate in GATES, "depth_options.gate", options.gate, ", ".join(GATES))
+        require(options.block_append in BLOCK_APPENDS, "depth_options.block_append",
+                options.block_append, ", ".join(BLOCK_APPENDS))
+        require(options.block_append == "before_read" or options.granularity == "block",
+                "depth_options.block_append", options.block_append,
+                'before_read (after_read needs granularity="block")')
 
     @property
     def granularity(self) -> str:  # type: ignore[override]
@@ -111,12 +132,37 @@ class DeltaAttnRes(PseudoQueryReads):
             keys += ["final"] if self.final_active else []
             self.gate = nn.ParameterDict({k: nn.Parameter(torch.zeros(())) for k in keys})
 
+    @property
+    def appends_after_read(self) -> bool:
+        return self.options.block_append == "after_read"
+
+    def has_final_read(self) -> bool:
+        return self.options.final_read
+
+    def _sees_several_sources(self, index: int) -> bool:
+        return self._sources_seen(index) > 1
+
+    def _sources_seen(self, index: int) -> int:
+        """Sources the read before sublayer `index` attends to: the embedding and the blocks
+        finished before it (with "after_read", not the one finished at `index` itself)."""
+        if self.appends_after_read:
+            return -(-index // self.block_size)
+        return index // self.block_size + 1
+
     def init_state(self, x0, ctx):
         return self._new_state(x0, keep_total=True)  # total = the cumulative residual x
 
+    def _next_site(self, state: AttnResState, index: int) -> None:
+        if not self.appends_after_read:
+            return super()._next_site(state, index)
+        # the block closes after this read (see read); phase 0 starts there too, once the
+        # embedding is a source (its reads all come later)
+        if index % self.phase_length == 0 and index > 0:
+            self._start_phase(state.sources, index // self.phase_length)
+
     def _read(self, state: AttnResState, key: str, active: bool):
         """x + gate * mixture; `key` is the site index or "final"."""
-        if not active:
+        if not active or (key == "0" and self.appends_after_read):  # code: no source yet
             return state.total
         # before the first completed block the only source is the embedding (weight 1)
         mixture = self._attend(state, key) if key in self.column else state.embedding
@@ -128,7 +174,12 @@ class DeltaAttnRes(PseudoQueryReads):
 
     def read(self, state, site, norm, ctx):
         self._next_site(state, site.index)
-        return norm(self._read(state, str(site.index), self.is_active(site.layer)))
+        h = self._read(state, str(site.index), self.is_active(site.layer))
+        if self.appends_after_read and site.index % self.block_size == 0:
+            self._close_block(state)
+            if site.index == 0:
+                self._start_phase(state.sources, 0)
+        return norm(h)
 
     def finalize(self, state, ctx):
         if state.partial is not None:  # the end of the model closes the last block
@@ -166,7 +217,7 @@ class DeltaAttnRes(PseudoQueryReads):
         appended = -(-n_sites // size) + 1  # a boundary every S sublayers, the last block at the end
         total = d * appended
         for key in self.column:
-            m = appended if key == "final" else int(key) // size + 1
+            m = appended if key == "final" else self._sources_seen(int(key))
             total += 2 * m * d + (d if self.gate is not None and key in self.gate else 0)
         return total
 

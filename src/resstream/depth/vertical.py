@@ -1,11 +1,13 @@
 """Vertical Attention: input-independent softmax weights over norm-scaled earlier layer outputs.
 
 Source: "Vertical Attention" (Kojima, Iwasawa, Yokota, Miyao, Suzuki, Matsuo; ICLR 2026
-submission, OpenReview forum A6uabXKiXc, rejected). Only the abstract and the public reviews
-are accessible and no code was released, so **the exact published form is unknown**. The
-reviews describe a learned, input-independent score per (layer, earlier layer), softmax-
-normalised, over sources divided by their activation norm; one reviewer calls it ELC-BERT's
-layer selection plus ELC's normalised variant. We implement that description (blocks l = 0..L-1):
+submission, OpenReview forum A6uabXKiXc, rejected). **We have not found the paper's text**: it
+is not in the public sources we could search, and no code was released, so the form below is
+NOT taken from the paper and may differ from it. It is rebuilt from summaries of the public
+reviews, which describe a learned, input-independent score per (layer, earlier layer),
+softmax-normalised, over sources divided by their activation norm; one reviewer calls it
+ELC-BERT's layer selection plus ELC's normalised variant. We implement that description
+(blocks l = 0..L-1):
 
     o_0 = embedding,  o_j = output of block j-1          (sources; see `sources` below)
     x_l = sum_{j=0}^{l} softmax(theta_l)_j N(o_j)        theta_l in R^{l+1}, learned
@@ -66,6 +68,8 @@ class Vertical(DepthOperator):
     mixing = "static"
     paper = ("Kojima, Iwasawa, Yokota, Miyao, Suzuki, Matsuo: Vertical Attention "
              "(ICLR 2026 submission, OpenReview A6uabXKiXc; form reconstructed from reviews)")
+    source_note = ("the paper's text could not be found; this form is rebuilt from summaries of "
+                   "its public reviews, not from the paper, and may differ from it")
     starts_at_baseline = False
     granularity = "block"
 

@@ -16,11 +16,15 @@ chosen by the `placements` string ("ABCD" = all, "AC" = A and C, ...):
        (width 2 d_ff)                                                        ("mlp_hidden" slot)
 
 Our choices where the paper is silent or its code differs:
-  * init (`init`): "small" (default) draws every tap from N(0, init_std): the layer starts as
-    the identity plus a small conv, so the model starts close to (not exactly at) the baseline
-    and the taps are not symmetric; "zero" starts exactly at the baseline (the taps still get
-    gradients through the residual); "uniform" is PyTorch's Conv1d default U(+-1/sqrt(k)), which
-    a plain nn.Conv1d (as in the released code) starts from.
+  * init (`init`): "uniform" (default) is the released code's: PyTorch's Conv1d default,
+    U(+-1/sqrt(k)) for the taps (fan_in = k for a depthwise conv) and, with `bias`, for the bias,
+    drawn so a seed gives the taps nn.Conv1d.reset_parameters would (PhysicsLM4's
+    TransformerBlock.init_weights calls reset_parameters on every Canon conv; the paper's text
+    that we could read does not state an init). "small" draws every tap from N(0, init_std)
+    (bias 0): the layer starts close to the identity, so the model starts near the baseline;
+    this was our default before, and the design-space study ran with it. "zero" starts
+    exactly at the baseline (the taps still get gradients through the residual). The released
+    code refuses bias=True (it asserts); ours allows it.
   * B is applied before RoPE (our attention has no QK-norm, so "after QK-norm" is moot).
   * when a depth operator gives attention separate q, k, v inputs (MUDD, DCA), Canon-A is
     applied to each view with one set of weights and a separate decode history per view.
@@ -64,7 +68,7 @@ class Canon(LocalMixer):
         activation: str = "none"  # "none" (paper default for Transformers) or "silu"
         residual: bool = True
         bias: bool = False
-        init: str = "small"  # "small", "zero" or "uniform" (see module docstring)
+        init: str = "uniform"  # "uniform" (released code), "small" or "zero" (module docstring)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
@@ -72,7 +76,7 @@ class Canon(LocalMixer):
         require(isinstance(letters, str) and len(letters) >= 1 and set(letters) <= set("ABCD")
                 and len(set(letters)) == len(letters), "mixer_options.placements", letters,
                 "a non-empty set of the letters A, B, C, D without repeats, e.g. ABCD or AC")
-        validate_conv_options(options, ("small", "zero", "uniform"))
+        validate_conv_options(options, ("uniform", "small", "zero"))
 
     @classmethod
     def build(cls, config, layer, options):
@@ -97,7 +101,7 @@ class Canon(LocalMixer):
 
     @classmethod
     def no_weight_decay(cls, options, slot, module):
-        """As ShortConv: the taps are decayed with a random init ("small", "uniform"; the
+        """As ShortConv: the taps are decayed with a random init ("uniform", "small"; the
         released Lingua recipes decay every weight), exempt with init="zero", where they start
         at a fixed point like a zero-initialised gate. The bias is 1-D (never decayed)."""
         return conv_no_weight_decay(options, module)

@@ -14,7 +14,8 @@ sees phi(conv(qkv)) instead of qkv.
 
 Our choices where the sources are silent or differ:
   * init (`init`): "uniform" (default) is PyTorch's Conv1d default U(-1/sqrt(k), 1/sqrt(k)), what
-    fla's ShortConvolution (an nn.Conv1d) starts from; "identity" sets w_0 = 1 and the other taps
+    fla's ShortConvolution (an nn.Conv1d) starts from, drawn so that a seed gives the same taps
+    as nn.Conv1d.reset_parameters; "identity" sets w_0 = 1 and the other taps
     to 0, so with activation "none" the model starts exactly at the baseline.
   * the taps are stored lag-ordered: `weight[i]` multiplies x_{t-i} (the formula above), and are
     flipped into F.conv1d's cross-correlation layout at call time.
@@ -77,11 +78,8 @@ class CausalDepthwiseConv(nn.Module):
 
     def reset_parameters(self, init: str, init_std: float) -> None:
         with torch.no_grad():
-            if init == "uniform":  # PyTorch Conv1d default for a depthwise conv: fan_in = k
-                bound = 1.0 / math.sqrt(self.kernel)
-                self.weight.uniform_(-bound, bound)
-                if self.bias is not None:
-                    self.bias.uniform_(-bound, bound)
+            if init == "uniform":
+                self._torch_conv1d_init()
             elif init == "identity":  # y_t = x_t before the activation
                 self.weight.zero_()
                 self.weight[0].fill_(1.0)
@@ -91,6 +89,18 @@ class CausalDepthwiseConv(nn.Module):
                 self.weight.zero_()
             else:
                 raise ValueError(f"init={init!r} is invalid; allowed: {', '.join(CONV_INITS)}")
+
+    def _torch_conv1d_init(self) -> None:
+        """nn.Conv1d.reset_parameters: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in)) with
+        fan_in = k for a depthwise conv, bias U(+-1/sqrt(k)). Drawn in Conv1d's [C*M, 1, k]
+        layout and then reordered, so one seed gives the taps an nn.Conv1d of the same shape
+        would get (the released Canon / fla code starts from exactly that)."""
+        torch_layout = self.weight.new_empty(self.weight.shape[1], 1, self.kernel)
+        nn.init.kaiming_uniform_(torch_layout, a=math.sqrt(5))
+        self.weight.copy_(torch_layout[:, 0].flip(-1).t())  # oldest-first -> lag-ordered
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.kernel)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def _conv_weight(self) -> Tensor:
         """[C*M, 1, k] in F.conv1d's layout: cross-correlation, so the oldest tap comes first."""
