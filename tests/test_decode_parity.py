@@ -22,8 +22,12 @@ ATOL = 1e-5
 # (label, local_mixer, mixer_options); "shortswa-only" is the stack without global attention
 MIXERS = ([("none", None, {})] + [(name, name, {}) for name in list_local_mixers()]
           + [("shortswa-only", "shortswa", {"replace_attention": True})])
-# non-default operator variants that keep cross-token state (DDL's TC compressor, EC expander)
-DEPTH_VARIANTS = {"ddl": [("ddl-tc-ec", {"value_dim": 2, "compressor": "tc", "expander": "ec"})]}
+# non-default operator variants: ones that keep cross-token state (DDL's TC compressor, EC
+# expander), carry more than one d-vector (LAuReL's previous-activation history per block) or
+# have parameters only as an option (the value residual's learnable lambdas)
+DEPTH_VARIANTS = {"ddl": [("ddl-tc-ec", {"value_dim": 2, "compressor": "tc", "expander": "ec"})],
+                  "laurel": [("laurel-rw-lr-pa-block", {"variant": "rw_lr_pa", "granularity": "block"})],
+                  "value_residual": [("value-residual-learnable", {"learnable": True})]}
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()
     if name in list_depth_operators() for label, options in variants]
