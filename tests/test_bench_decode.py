@@ -56,6 +56,17 @@ def test_bench_decode_quick(capsys):
         assert goal["value"].startswith(f"{ratio:.3f}x") and goal["met"] == (ratio <= limit)
 
 
+def test_bench_decode_takes_any_registered_depth_operator(capsys):
+    """Operators outside CONFIGS run by name; their measured depth state is their formula."""
+    names = ["rezero", "layerscale", "laurel"]
+    assert main(["bench", "decode", "--quick", "--format", "json", "--configs", ",".join(names)]) == 0
+    rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"] if "context" in r}
+    assert {"baseline", *names} <= set(rows)
+    for name in names:
+        assert rows[name]["decode_ms"] > 0
+        assert rows[name]["depth_state_bytes_per_token"] == rows[name]["depth_state_formula_bytes"]
+
+
 def test_bench_decode_rejects_unknown_configs(capsys):
     assert main(["bench", "decode", "--quick", "--configs", "nope"]) == 2
     assert "nope" in capsys.readouterr().err

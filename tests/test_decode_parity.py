@@ -22,10 +22,12 @@ ATOL = 1e-5
 # (label, local_mixer, mixer_options); "shortswa-only" is the stack without global attention
 MIXERS = ([("none", None, {})] + [(name, name, {}) for name in list_local_mixers()]
           + [("shortswa-only", "shortswa", {"replace_attention": True})])
-# non-default operator variants that keep cross-token state (DDL's TC compressor, EC expander)
+# non-default operator variants: ones that keep cross-token state (DDL's TC compressor, EC
+# expander), carry more than one d-vector (LAuReL's previous-activation history per block), have
+# parameters only as an option (the value residual's learnable lambdas), or run on another path
+# (the AttnRes ablation switches: plain autograd, decode included)
 DEPTH_VARIANTS = {
     "ddl": [("ddl-tc-ec", {"value_dim": 2, "compressor": "tc", "expander": "ec"})],
-    # the AttnRes ablation switches run on a plain-autograd path, decode included
     "block_attnres": [(f"block_attnres-{k}", {"block_size": 3, k: v}) for k, v in
                       (("query", "input"), ("weights", "sigmoid"), ("heads", 4),
                        ("key_norm", False))],
@@ -34,6 +36,8 @@ DEPTH_VARIANTS = {
     # the released code's block order and no final read
     "delta_attnres": [("delta_attnres-code", {"granularity": "block", "block_size": 2,
                                               "block_append": "after_read", "final_read": False})],
+    "laurel": [("laurel-rw-lr-pa-block", {"variant": "rw_lr_pa", "granularity": "block"})],
+    "value_residual": [("value-residual-learnable", {"learnable": True})],
 }
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()

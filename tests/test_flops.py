@@ -140,6 +140,7 @@ def counted_macs(config: ModelConfig) -> dict[str, int]:
     ("mudd", {}, ("mm", "bmm")),  # W_1, W_2 (mm) and the C weighted sums (bmm)
     ("denseformer", {}, ("mm",)), ("elc_bert", {}, ("mm",)),
     ("ddl", {}, ("addmm",)),  # gate logit and value per sublayer
+    ("laurel", {"variant": "lr"}, ("mm",)),  # A, then B, per sublayer
 ])
 def test_flop_counter_sees_the_declared_matmuls(name, options, ops):
     """The matmuls FlopCounterMode sees in an operator (its count over the baseline's) equal the
@@ -157,6 +158,7 @@ def test_flop_counter_sees_the_declared_matmuls(name, options, ops):
         ("mudd", ()): (d * 64 + 64 * 8 + 8 * d) + (d * 64 + 64 * 3 + 3 * d),
         ("denseformer", ()): (2 + 3) * d, ("elc_bert", ()): 2 * d,
         ("ddl", ()): sites * 2 * d,
+        ("laurel", (("variant", "lr"),)): sites * 2 * 32 * d,  # rank 32
     }[(name, tuple(options.items()))]
     assert extra == expected
     assert forward_macs_breakdown(hand_config(depth=name, depth_options=options), T)["depth"] >= expected

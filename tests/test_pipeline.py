@@ -251,6 +251,11 @@ OPTION_VARIANTS = [(name, {}) for name in list_depth_operators()] + [
     ("mudd", {"depth_layers": [0, 1, 2]}),
     ("mudd", {"local_mixer": "shortswa"}),
     ("attnres", {"local_mixer": "shortswa"}),
+    ("laurel", {"depth_options": {"variant": "rw_lr_pa", "k": 4}, "local_mixer": "shortswa"}),
+    ("laurel", {"depth_options": {"variant": "pa", "granularity": "block"}, "depth_layers": [1, 4]}),
+    ("rezero", {"depth_options": {"norm": False}, "depth_layers": [0, 5]}),
+    ("value_residual", {"depth_options": {"learnable": True}, "local_mixer": "shortconv"}),
+    ("value_residual", {"depth_layers": [0, 2]}),  # V_1 stays behind after block 2
 ]
 
 

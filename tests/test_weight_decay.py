@@ -25,6 +25,11 @@ DEPTH_OPTIONS = {
     "delta_attnres": [{"gate": "alpha", "granularity": "block"}, {"query_init": "normal"}],
     "hyper": [{"dynamic": False}],
     "mhc": [{"init": "zero"}],
+    "rezero": [{"norm": False}],
+    "layerscale": [{"init": 1e-6}],
+    "value_residual": [{"learnable": True}],
+    "laurel": [{"variant": "rw_lr_pa"}, {"variant": "pa", "rw_weights": "none"},
+               {"variant": "lr", "granularity": "block"}],
     "ddl": [{"value_dim": 2}, {"value_dim": 2, "compressor": "tc", "expander": "ec", "beta_gate": "mlp"},
             {"value_dim": 2, "compressor_init": "code", "value": "code"}],
 }

@@ -46,12 +46,14 @@ class Attention(nn.Module):
             return x, x, x
         return views.q, views.k, views.v
 
-    def _project(self, x: Tensor | QKVViews, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor | QKVViews, ctx, values=None) -> tuple[Tensor, Tensor, Tensor]:
         xq, xk, xv = self._inputs(x, ctx)
         q, k, v = self.q_proj(xq), self.k_proj(xk), self.v_proj(xv)
         if self.qkv_mixer is not None:
             sizes = [q.shape[-1], k.shape[-1], v.shape[-1]]
             q, k, v = self.qkv_mixer(torch.cat([q, k, v], dim=-1), ctx).split(sizes, dim=-1)
+        if values is not None:
+            v = values(v)
         b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -59,8 +61,10 @@ class Attention(nn.Module):
         cos, sin = self.rope.cos_sin(ctx.positions, q.dtype)
         return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin), v
 
-    def forward(self, x: Tensor | QKVViews, ctx: ForwardContext) -> Tensor:
-        q, k, v = self._project(x, ctx)
+    def forward(self, x: Tensor | QKVViews, ctx: ForwardContext, values=None) -> Tensor:
+        """`values`: a function of the value vectors [B, T, kv_heads * head_dim] that the depth
+        operator passes when it transforms them (DepthOperator.attention_values), else None."""
+        q, k, v = self._project(x, ctx, values)
         n_new = q.shape[2]
         entry = ctx.entry(self)
         mask = None
@@ -91,6 +95,18 @@ class FeedForward(SwiGLU):
     def __init__(self, config: ModelConfig, out_std: float):
         super().__init__(config.d_model, config.ffn_hidden, config.init_std, out_std)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+
+def run_site(depth: nn.Module, state, site, sublayer: nn.Module, ctx):
+    """One sublayer site: the depth operator's read, the sublayer, the operator's write. An
+    operator that transforms attention's values hands attention a function of them
+    (DepthOperator.attention_values)."""
+    x = depth.read(state, site, sublayer.norm, ctx)
+    if depth.transforms_values and site.kind == "attn":
+        out = sublayer(x, ctx, values=lambda v: depth.attention_values(state, site, v, ctx))
+    else:
+        out = sublayer(x, ctx)
+    return depth.write(state, site, out, ctx)
 
 
 class Block(nn.Module):
@@ -126,8 +142,7 @@ class Block(nn.Module):
         operator's state. A module call (not a loop in the model) so that wrappers that act per
         block, such as FSDP2's `fully_shard`, see one forward per block."""
         for site, sublayer in zip(self.sites, self.sublayers()):
-            x = depth.read(state, site, sublayer.norm, ctx)
-            state = depth.write(state, site, sublayer(x, ctx), ctx)
+            state = run_site(depth, state, site, sublayer, ctx)
         return state
 
     def mixer_slots(self) -> dict[str, nn.Module]:

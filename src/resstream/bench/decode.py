@@ -8,7 +8,8 @@ Configurations (all with the same shape; operators with their default options):
   alg1_shortswa  Algorithm 1: ShortSWA sub-block (window w) before global attention
   shortswa_only  ShortSWA replaces global attention ([ShortSWA, MLP] blocks): bounded state
   depth_swa, block_attnres, attnres, ddl, hyper   depth operators on the baseline block
-Configurations whose operator is not registered are listed as such.
+Configurations whose operator is not registered are listed as such. `--configs` also takes the
+name of any registered depth operator (with its default options on the baseline block).
 
 What is measured, per context length c (capped at max_seq_len - 1):
   * decode ms/token: one cached forward of one token per sequence at position c. The cache is
@@ -61,6 +62,7 @@ from resstream.bench.timing import format_table, paired_ratio, print_result, set
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.hardware import parse_device, require_dtype_runs
+from resstream.registry import DEPTH_OPERATORS
 from resstream.smoke import smoke_args
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -93,12 +95,17 @@ class Variant:
 
 
 # ---------------------------------------------------------------------------------- measurement
+def config_changes(name: str) -> dict[str, Any]:
+    """The model-config changes of a configuration: CONFIGS, else a registered depth operator."""
+    return CONFIGS[name] if name in CONFIGS else {"depth": name}
+
+
 def build_variants(base: ModelConfig, names: list[str], device, dtype) -> list[Variant]:
     from resstream.model import ResStreamLM
 
     variants = []
     for name in names:
-        variant = Variant(name, CONFIGS[name])
+        variant = Variant(name, config_changes(name))
         try:
             torch.manual_seed(0)
             variant.model = ResStreamLM(base.replace(**variant.changes)).to(device, dtype).eval()
@@ -431,10 +438,11 @@ def run(args: argparse.Namespace) -> int:
     if any(c < 1 for c in contexts):
         raise UserError(f"--contexts={contexts} is invalid; allowed: positive integers")
     names = parse_list(args.configs, "configs") if args.configs else list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
+    allowed = list(CONFIGS) + [n for n in DEPTH_OPERATORS.names() if n not in CONFIGS and n != "standard"]
+    unknown = [n for n in names if n not in allowed]
     if unknown:
         raise UserError(f"--configs names unknown configuration(s) {', '.join(unknown)}; "
-                        f"allowed: {', '.join(CONFIGS)}")
+                        f"allowed: {', '.join(allowed)}")
     if "baseline" not in names:
         names = ["baseline"] + names
     # contexts are capped so that one more token still fits (max_seq_len for global attention)
@@ -454,7 +462,9 @@ def register(subparsers) -> None:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default=",".join(str(c) for c in CONTEXTS),
                         help="comma-separated context lengths (capped at max_seq_len - 1)")
-    parser.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    parser.add_argument("--configs", default=None,
+                        help=f"comma-separated subset of {', '.join(CONFIGS)}, or any registered "
+                             "depth operator's name")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--n-layers", type=int, default=8)
     parser.add_argument("--n-heads", type=int, default=8)

@@ -11,9 +11,12 @@ around every sublayer *site* (attention, MLP, and the ShortSWA sub-block when pr
     h = op.finalize(state, ctx)                    # fed to the final norm and the LM head
 
 `read` returns the input already passed through the sublayer's pre-norm (operators that give
-attention separate query/key/value inputs return a `QKVViews`). Operators acting once per block
-(ELC-BERT, DenseFormer, MUDD, DCA, Vertical, depth_swa) do their work at `site.first` /
-`site.last`; the others (AttnRes, HC, DDL) at every site. Everything here is position-wise over
+attention separate query/key/value inputs return a `QKVViews`). An operator that acts inside
+attention on its value vectors (the value residual) sets `transforms_values`; the decoder then
+lets each global-attention sublayer pass its values through `op.attention_values(state, s, v)`
+(model.run_site). Operators acting once per block (ELC-BERT, DenseFormer, MUDD, DCA, Vertical,
+depth_swa) do their work at `site.first` / `site.last`; the others (AttnRes, HC, DDL) at every
+site. Everything here is position-wise over
 depth: no operator mixes tokens, except those that declare `cross_token_state`.
 
 `depth_layers` in the config limits an operator to a subset of blocks; elsewhere the operator
@@ -237,6 +240,18 @@ class DepthOperator(nn.Module):
     def finalize(self, state: Any, ctx) -> Tensor:
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- attention values
+    # An operator that acts on global attention's value vectors (ResFormer's value residual)
+    # sets `transforms_values`: the decoder then passes each attention sublayer the function
+    # `attention_values` bound to the state and site (model.run_site), which attention applies
+    # to its values after the projection, before it splits them into heads and caches them (so
+    # the KV cache holds the transformed values and a decode step needs only its own tokens').
+    transforms_values: ClassVar[bool] = False
+
+    def attention_values(self, state: Any, site: Site, v: Tensor, ctx) -> Tensor:
+        """Attention's values at `site`, [B, T, n_kv_heads * head_dim]; default unchanged."""
+        return v
+
     # ---------------------------------------------------------------- routing weights
     # A RoutingRecorder while `recording_routing()` is on. Operators with routing record the
     # weights their general (training/prefill) path computes behind one `if self._routing is
@@ -321,10 +336,13 @@ class DepthOperator(nn.Module):
         identity = nn.Identity()
         with torch.no_grad():
             state = self.init_state(x0, ctx)
+            kv_width = self.config.kv_heads * self.config.head_dim
             for site in self.sites:
                 if site.layer > layer:
                     break
                 self.read(state, site, identity, ctx)
+                if self.transforms_values and site.kind == "attn":
+                    self.attention_values(state, site, x0.new_zeros(*shape[:2], kv_width), ctx)
                 state = self.write(state, site, torch.zeros_like(x0), ctx)
             tensors, rebuild = flatten_state(state, self.stage_transient(layer))
         return len(tensors), rebuild

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from resstream.cache import ForwardContext
 from resstream.errors import UserError
+from resstream.model import run_site
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -88,8 +89,7 @@ class StageModule(nn.Module):
             state = self.depth.from_stage_state(inputs, self.layers.start - 1)
         for block in self.blocks.values():
             for site, sublayer in zip(block.sites, block.sublayers()):
-                x = self.depth.read(state, site, sublayer.norm, ctx)
-                state = self.depth.write(state, site, sublayer(x, ctx), ctx)
+                state = run_site(self.depth, state, site, sublayer, ctx)
         if self.last:
             return self.lm_head(self.norm(self.depth.finalize(state, ctx)))
         # contiguous: the engine sends each output as it is
