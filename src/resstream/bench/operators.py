@@ -23,6 +23,12 @@ Variants: each operator runs with its default options except the ones the goals 
 listed in VARIANTS (DenseFormer 4x5, hyper-connections with 4 streams, DDL with d_v = 1);
 `--option NAME.KEY=VALUE` overrides. The goal column (step-time ratio) applies only to the
 variant named there. Operators added by other modules appear automatically (registry).
+
+`--compile` adds a torch.compile'd copy of every variant (the same module and optimizer, so the
+same weights), timed in the same interleaved repeats: its step time, its ratio to compiled
+standard (the goals apply to it too), the eager/compiled speed-up, the compile time (the first
+compiled step) and the graph breaks dynamo reports while compiling it (0 is the goal). The
+compiled standard step should be at least 1.3x faster than the eager one.
 """
 from __future__ import annotations
 
@@ -65,6 +71,11 @@ class Variant:
     saved_bytes: int | None = None
     cuda_peak: int | None = None
     error: str | None = None
+    compiled: Any = None  # torch.compile(model), with --compile
+    compiled_times: list = dataclasses.field(default_factory=list)
+    compile_seconds: float | None = None
+    graph_breaks: int | None = None
+    compile_error: str | None = None
 
 
 def variant_options(name: str, overrides: dict) -> tuple[dict, str]:
@@ -101,9 +112,14 @@ def saved_activation_bytes(model, ids: torch.Tensor, targets: torch.Tensor) -> i
     return sum(storages.values())
 
 
-def training_step(variant: Variant, ids: torch.Tensor, targets: torch.Tensor) -> None:
+COMPILED_BASELINE_GOAL = 1.3  # compiled standard step at least this much faster than eager
+
+
+def training_step(variant: Variant, ids: torch.Tensor, targets: torch.Tensor,
+                  compiled: bool = False) -> None:
     variant.optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(variant.model(ids).flatten(0, 1), targets.flatten())
+    model = variant.compiled if compiled else variant.model
+    loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
     loss.backward()
     variant.optimizer.step()
 
@@ -117,10 +133,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(variant: Variant, ids, targets, device) -> float:
+def timed_step(variant: Variant, ids, targets, device, compiled: bool = False) -> float:
     synchronize(device)
     start = time.perf_counter()
-    training_step(variant, ids, targets)
+    training_step(variant, ids, targets, compiled)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -157,9 +173,28 @@ def build_variants(base: ModelConfig, names: list[str], overrides: dict[str, dic
     return variants
 
 
+def compile_variant(variant: Variant, ids, targets, device) -> None:
+    """torch.compile the variant's model; the first compiled step (compilation included) is
+    its compile time, and dynamo's graph-break counter over it its graph breaks."""
+    from torch._dynamo.utils import counters
+
+    before = sum(counters["graph_break"].values())
+    # every variant is another model instance through the same forward code: without a higher
+    # limit dynamo would stop recompiling after 8 variants and silently run the rest eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    variant.compiled = torch.compile(variant.model)
+    try:
+        variant.compile_seconds = timed_step(variant, ids, targets, device, compiled=True)
+        timed_step(variant, ids, targets, device, compiled=True)  # a second, settled warm-up
+    except Exception as error:  # noqa: BLE001 - a compile failure is a result of the bench
+        variant.compiled, variant.compile_error = None, str(error).strip().splitlines()[0]
+        return
+    variant.graph_breaks = sum(counters["graph_break"].values()) - before
+
+
 def run_benchmark(base: ModelConfig, names: list[str], overrides: dict[str, dict], batch_size: int,
                   seq_len: int, repeats: int, device: torch.device,
-                  depth_window: int | None = None) -> dict[str, Any]:
+                  depth_window: int | None = None, compile: bool = False) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     targets = torch.randint(0, base.vocab_size, (batch_size, seq_len), generator=generator).to(device)
@@ -170,10 +205,17 @@ def run_benchmark(base: ModelConfig, names: list[str], overrides: dict[str, dict
         variant.saved_bytes = saved_activation_bytes(variant.model, ids, targets)
         if device.type == "cuda":
             variant.cuda_peak = cuda_peak_step_bytes(variant, ids, targets, device)
+        if compile:
+            compile_variant(variant, ids, targets, device)
+            progress(f"compiled {variant.operator}: " + (
+                f"{variant.compile_seconds:.1f} s, {variant.graph_breaks} graph break(s)"
+                if variant.compile_error is None else f"failed ({variant.compile_error})"))
     for r in range(repeats):
         shift = r % max(1, len(ready))
         for variant in ready[shift:] + ready[:shift]:
             variant.times.append(timed_step(variant, ids, targets, device))
+            if variant.compiled is not None:
+                variant.compiled_times.append(timed_step(variant, ids, targets, device, True))
         progress(f"repeat {r + 1}/{repeats} done")
     return summarize(variants, overrides, base, batch_size, seq_len, repeats, device)
 
@@ -199,11 +241,28 @@ def summarize(variants: list[Variant], overrides, base, batch_size, seq_len, rep
             row["cuda_peak_ratio"] = v.cuda_peak / reference.cuda_peak if reference else None
         row["goal_met"] = None if row["goal"] is None or row["time_ratio"] is None \
             else row["time_ratio"] <= row["goal"]
+        row.update(_compiled_columns(v, reference, row["goal"]))
         rows.append(row)
     setup = {"d_model": base.d_model, "n_layers": base.n_layers, "n_heads": base.n_heads,
              "seq_len": seq_len, "batch_size": batch_size, "repeats": repeats, "device": str(device),
              "threads": torch.get_num_threads(), "torch": torch.__version__}
     return {"setup": setup, "rows": rows}
+
+
+def _compiled_columns(variant: Variant, reference: Variant | None, goal: float | None) -> dict:
+    """--compile: the compiled step, its ratio to compiled standard, the eager/compiled speed-up."""
+    if variant.compile_error is not None:
+        return {"compile_error": variant.compile_error}
+    if not variant.compiled_times:
+        return {}
+    median = statistics.median(variant.compiled_times)
+    ref = statistics.median(reference.compiled_times) if reference and reference.compiled_times \
+        else None
+    ratio = median / ref if ref else None
+    return {"compiled_step_ms": 1000 * median, "compiled_ratio": ratio,
+            "compile_speedup": statistics.median(variant.times) / median,
+            "compile_seconds": variant.compile_seconds, "graph_breaks": variant.graph_breaks,
+            "compiled_goal_met": None if goal is None or ratio is None else ratio <= goal}
 
 
 def _options_text(row) -> str:
@@ -221,6 +280,9 @@ def to_markdown(result: dict) -> str:
                "saved activations MB", "memory ratio"]
     if cuda:
         headers += ["CUDA peak step MB", "CUDA peak ratio"]
+    compiled = any("compiled_step_ms" in r or "compile_error" in r for r in result["rows"])
+    if compiled:
+        headers += ["compiled ms", "compiled ratio", "eager/compiled", "compile s", "graph breaks"]
     rows = []
     for r in result["rows"]:
         if "error" in r:
@@ -232,12 +294,37 @@ def to_markdown(result: dict) -> str:
                f"{r['saved_activation_bytes'] / 2**20:.1f}", _ratio(r["memory_ratio"])]
         if cuda:
             row += [f"{r['cuda_peak_step_bytes'] / 2**20:.1f}", _ratio(r["cuda_peak_ratio"])]
+        if compiled:
+            row += _compiled_cells(r)
         rows.append(row)
     lines.append(format_table(headers, rows))
+    if compiled:
+        lines += ["", _compiled_baseline_line(result["rows"])]
     lines += ["", "step ms: median step time; min: fastest step (less sensitive to a busy machine); "
               "goal: bound on the median time ratio of the variant shown; saved activations: distinct "
               "non-parameter storages autograd keeps for backward (saved_tensors_hooks)."]
     return "\n".join(lines)
+
+
+def _compiled_cells(row: dict) -> list[str]:
+    if "compile_error" in row:
+        return [f"failed: {row['compile_error']}", "", "", "", ""]
+    goal = "" if row["compiled_goal_met"] is None else \
+        (" met" if row["compiled_goal_met"] else " MISSED")
+    return [f"{row['compiled_step_ms']:.1f}", _ratio(row["compiled_ratio"]) + goal,
+            _ratio(row["compile_speedup"]), f"{row['compile_seconds']:.1f}",
+            str(row["graph_breaks"])]
+
+
+def _compiled_baseline_line(rows: list[dict]) -> str:
+    standard = next((r for r in rows if r["operator"] == "standard"), {})
+    speedup = standard.get("compile_speedup")
+    if speedup is None:
+        return "compiled standard: not measured (compilation failed)"
+    met = "met" if speedup >= COMPILED_BASELINE_GOAL else "MISSED"
+    return (f"compiled standard step: {speedup:.2f}x faster than eager (goal >= "
+            f"{COMPILED_BASELINE_GOAL}x: {met}); compiled ratio: vs compiled standard, with the "
+            "operator's goal; graph breaks: dynamo's count while compiling (goal 0)")
 
 
 def _ratio(value) -> str:
@@ -291,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
     base = ModelConfig(vocab_size=256, d_model=shape["d_model"], n_layers=shape["n_layers"],
                        n_heads=shape["n_heads"], max_seq_len=shape["seq_len"])
     result = run_benchmark(base, names, overrides, shape["batch_size"], shape["seq_len"],
-                           shape["repeats"], device, args.depth_window)
+                           shape["repeats"], device, args.depth_window, args.compile)
     print_result(result, args.format, to_markdown)
     return 0
 
@@ -313,6 +400,9 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time a torch.compile'd step of every variant (eager and "
+                             "compiled columns side by side, graph breaks, compile time)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: tiny shapes, standard and one other operator, 2 repeats")
     parser.set_defaults(func=run)
