@@ -15,7 +15,11 @@ class ModelConfig:
     """Decoder shape plus the two design axes: the depth-axis residual operator (`depth`) and
     the sequence-axis local mixer (`local_mixer`). Options specific to one operator or mixer go
     in `depth_options` / `mixer_options`; they are validated against that operator's typed
-    `Options` dataclass (see `resstream.operator_options(name)`)."""
+    `Options` dataclass (see `resstream.operator_options(name)`).
+
+    `local_mixer` is one mixer's name, or a list of names to stack several (applied in the
+    listed order where two fill the same slot); `mixer_options` is then keyed by mixer name,
+    e.g. local_mixer=["shortswa", "canon"], mixer_options={"canon": {"placements": "AC"}}."""
 
     vocab_size: int = 256
     d_model: int = 256
@@ -34,9 +38,9 @@ class ModelConfig:
     depth_options: dict = field(default_factory=dict)
     depth_layers: list | None = None  # blocks where the operator is active; None = all
     # sequence axis
-    local_mixer: str | None = None
+    local_mixer: str | list | None = None  # a mixer name, a list of names (stacked), or null
     local_window: int = 128
-    mixer_options: dict = field(default_factory=dict)
+    mixer_options: dict = field(default_factory=dict)  # a list of mixers: {name: its options}
     attn_backend: str = "auto"  # backend of ops.local_attention for local mixers / depth reads
 
     def __post_init__(self) -> None:
@@ -64,10 +68,39 @@ class ModelConfig:
         return DEPTH_OPERATORS.get(self.depth)
 
     @property
+    def local_mixers(self) -> list[str]:
+        """The local mixers' names, in order (empty without a local mixer)."""
+        if self.local_mixer is None:
+            return []
+        return [self.local_mixer] if isinstance(self.local_mixer, str) else list(self.local_mixer)
+
+    def mixer_config(self, name: str) -> "ModelConfig":
+        """The config as local mixer `name` sees it: `name` the only local mixer, with its own
+        options (this config itself when it names that one mixer). Every mixer hook (build,
+        validate_config, forward_macs_per_token, ...) gets such a config, so a mixer never
+        needs to know what it is stacked with."""
+        if self.local_mixer == name:
+            return self
+        if name not in self.local_mixers:
+            raise UserError(f"local mixer {name!r} is not in local_mixer={self.local_mixer!r}; "
+                            f"allowed: {', '.join(self.local_mixers) or '(none)'}")
+        return self.replace(local_mixer=name, mixer_options=dict(self.mixer_options.get(name) or {}))
+
+    def mixer_configs(self) -> list["ModelConfig"]:
+        """`mixer_config(name)` of every local mixer, in order."""
+        return [self.mixer_config(name) for name in self.local_mixers]
+
+    @property
     def local_mixer_cls(self) -> type | None:
+        """The class of the one local mixer (None without one); a stack has no single class:
+        use `mixer_configs()`."""
         from resstream.registry import LOCAL_MIXERS
 
-        return None if self.local_mixer is None else LOCAL_MIXERS.get(self.local_mixer)
+        names = self.local_mixers
+        if len(names) > 1:
+            raise UserError(f"local_mixer={self.local_mixer!r} stacks several mixers; allowed "
+                            "here: one (use mixer_configs() for a stack)")
+        return LOCAL_MIXERS.get(names[0]) if names else None
 
     @property
     def depth_opts(self) -> Any:
@@ -83,6 +116,8 @@ class ModelConfig:
         cls = self.local_mixer_cls
         if cls is None:
             return NoOptions()
+        if not isinstance(self.local_mixer, str):  # a list of one: options keyed by its name
+            return self.mixer_config(self.local_mixer[0]).mixer_opts
         return parse_options(cls.Options, self.mixer_options, f"mixer_options[{self.local_mixer}]")
 
     # ------------------------------------------------------------------ validation
@@ -120,13 +155,33 @@ class ModelConfig:
                 "depth_layers", self.depth_layers, f"null or a list of block indices in [0, {self.n_layers})")
             self.depth_layers = sorted(set(self.depth_layers))
         operator = self.depth_operator_cls  # raises for unknown names, listing the known ones
-        if self.depth_window is not None and not operator.uses_depth_window:
+        operator.validate_config(self, self.depth_opts)
+        if self.depth_window is not None and not operator.metadata(self.depth_opts)["uses_depth_window"]:
             raise UserError(f"depth_window={self.depth_window} is not used by depth={self.depth!r}; "
                             "allowed: null for this operator")
-        operator.validate_config(self, self.depth_opts)
-        mixer = self.local_mixer_cls
-        if mixer is not None:
-            mixer.validate_config(self, self.mixer_opts)
+        if isinstance(self.local_mixer, list):
+            self._validate_mixer_stack()
+        elif self.local_mixer is not None:
+            self.local_mixer_cls.validate_config(self, self.mixer_opts)
+
+    def _validate_mixer_stack(self) -> None:
+        """local_mixer as a list: distinct known names, mixer_options keyed by them, each
+        mixer valid with its options, and the mixers compatible (mixers/base.py check_stack)."""
+        from resstream.mixers.base import check_stack
+        from resstream.registry import LOCAL_MIXERS
+
+        names = self.local_mixer
+        require(len(names) >= 1 and all(isinstance(n, str) for n in names)
+                and len(set(names)) == len(names), "local_mixer", names,
+                "a mixer name, a non-empty list of distinct mixer names, or null")
+        for name in names:
+            LOCAL_MIXERS.get(name)  # raises for unknown names, listing the known ones
+        for key, value in self.mixer_options.items():
+            require(key in names, "mixer_options", self.mixer_options,
+                    f"with local_mixer a list, a mapping from its mixer names ({', '.join(names)}) "
+                    f"to their options; {key!r} is not one of them")
+            require(isinstance(value, dict), f"mixer_options.{key}", value, "a mapping of options")
+        check_stack(self.mixer_configs())  # each config validates its own mixer
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

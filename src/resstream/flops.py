@@ -51,17 +51,13 @@ def mean_window_keys(seq_len: int, window: int | None) -> Fraction:
 
 
 def has_global_attention(config: ModelConfig) -> bool:
-    """False when the local mixer replaces global attention (ShortSWA `replace_attention`)."""
-    return not getattr(config.mixer_opts, "replace_attention", False)
+    """False when a local mixer replaces global attention (ShortSWA `replace_attention`)."""
+    return not any(c.local_mixer_cls.replaces_attention(c.mixer_opts) for c in config.mixer_configs())
 
 
 def site_kinds(config: ModelConfig) -> tuple[str, ...]:
     """The sublayer kinds of one block ("mix", "attn", "mlp"), as `model.Block` builds them."""
-    mixer = config.local_mixer_cls
-    has_block = False
-    if mixer is not None:
-        with torch.device("meta"):
-            has_block = "block" in mixer.build(config, 0, config.mixer_opts)
+    has_block = any("block" in c.local_mixer_cls.slots(c, c.mixer_opts) for c in config.mixer_configs())
     return (("mix",) if has_block else ()) + (("attn",) if has_global_attention(config) else ()) + ("mlp",)
 
 
@@ -94,9 +90,9 @@ def forward_macs_breakdown(config: ModelConfig, seq_len: int) -> dict[str, Fract
         macs["attention_scores"] = L * 2 * d_q * mean_window_keys(seq_len, None)
     macs["mlp"] = Fraction(L * 3 * d * config.ffn_hidden)
     macs["lm_head"] = Fraction(d * config.vocab_size)
-    mixer = config.local_mixer_cls
-    if mixer is not None:
-        macs["local_mixer"] = Fraction(mixer.forward_macs_per_token(config, seq_len))
+    for mixer_config in config.mixer_configs():  # each mixer with its own options
+        macs["local_mixer"] += Fraction(mixer_config.local_mixer_cls.forward_macs_per_token(
+            mixer_config, seq_len))
     macs["depth"] = Fraction(build_depth_operator(config).forward_macs_per_token(seq_len))
     return macs
 

@@ -2,8 +2,9 @@
 [optional local-mixer sub-block] -> attention -> SwiGLU MLP, final norm and LM head.
 
 The residual stream between sublayers belongs to a depth-axis operator (`config.depth`), the
-sequence-axis local slot to a local mixer (`config.local_mixer`); the decoder composes both by
-name through their registries, without knowing which it has (see depth/base.py, mixers/base.py).
+sequence-axis local slots to one or more local mixers (`config.local_mixer`); the decoder composes
+them by name through their registries, without knowing which it has (see depth/base.py,
+mixers/base.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from resstream.config import ModelConfig
 from resstream.depth.base import QKVViews, build_sites
 from resstream.errors import UserError
 from resstream.layers import RMSNorm, RotaryEmbedding, SwiGLU, init_linear, output_std
+from resstream.mixers.base import ATTENTION_SLOTS, MixerChain, build_mixers
 
 
 class Attention(nn.Module):
@@ -116,13 +118,23 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding, n_sublayers: int):
         super().__init__()
         out_std = output_std(config.init_std, n_sublayers)
-        slots = {}
-        if config.local_mixer_cls is not None:
-            slots = config.local_mixer_cls.build(config, layer, config.mixer_opts)
+        # (mixer, slot, module) of every local mixer; stacked mixers in one slot run in order
+        self.mixer_parts = build_mixers(config, layer)
+        grouped: dict[str, list[nn.Module]] = {}
+        for _, slot, module in self.mixer_parts:
+            grouped.setdefault(slot, []).append(module)
+        if len(grouped.get("block", [])) > 1:
+            raise ValueError("more than one local mixer fills slot 'block'; allowed: at most one")
+        slots = {slot: modules[0] if len(modules) == 1 else MixerChain(modules)
+                 for slot, modules in grouped.items()}
         if "block" in slots:
             self.mix = slots["block"]
         # a local mixer may replace global attention (ShortSWA `replace_attention`: [mix, mlp])
-        has_attention = not getattr(config.mixer_opts, "replace_attention", False)
+        has_attention = not any(c.local_mixer_cls.replaces_attention(c.mixer_opts)
+                                for c in config.mixer_configs())
+        if not has_attention and set(slots) & set(ATTENTION_SLOTS):
+            raise ValueError(f"a local mixer fills {', '.join(sorted(set(slots) & set(ATTENTION_SLOTS)))} "
+                             "but global attention is removed; allowed: no attention slots then")
         if has_attention:
             self.attn = Attention(config, rope, out_std)
             self.attn.input_mixer = slots.get("attn_input")
@@ -289,14 +301,14 @@ class ResStreamLM(nn.Module):
         attention and MLP matrices, a mixer's or depth_swa's attention projections -- is decayed."""
         names = {name for name, p in self.named_parameters() if p.dim() < 2}
         names |= {f"depth.{name}" for name in self.depth.no_weight_decay()}
-        mixer = self.config.local_mixer_cls
-        if mixer is not None:
+        mixer_configs = {c.local_mixer: c for c in self.config.mixer_configs()}
+        if mixer_configs:
             prefixes = {id(module): name for name, module in self.named_modules()}
             for block in self.blocks:
-                for slot, module in block.mixer_slots().items():
-                    prefix = prefixes[id(module)]
+                for mixer, slot, module in block.mixer_parts:
+                    config, prefix = mixer_configs[mixer], prefixes[id(module)]
                     names |= {f"{prefix}.{name}" for name in
-                              mixer.no_weight_decay(self.config.mixer_opts, slot, module)}
+                              config.local_mixer_cls.no_weight_decay(config.mixer_opts, slot, module)}
         known = {name for name, _ in self.named_parameters()}
         unknown = sorted(names - known)
         if unknown:

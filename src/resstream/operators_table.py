@@ -30,7 +30,8 @@ from resstream.errors import UserError
 from resstream.flops import training_flops_per_token
 from resstream.registry import DEPTH_OPERATORS, LOCAL_MIXERS
 
-METADATA = ("aggregates", "mixing", "granularity", "starts_at_baseline", "paper", "source_note")
+METADATA = ("aggregates", "mixing", "granularity", "starts_at_baseline", "reads_through_norm", "paper",
+            "source_note")
 RESERVED_KEYS = ("depth", "depth_options", "depth_window", "local_mixer", "mixer_options")
 
 
@@ -96,13 +97,6 @@ def filled_slots(block) -> list[str]:
     return [slot for slot, module in modules.items() if module is not None]
 
 
-def class_metadata(cls: type, key: str) -> Any:
-    """A metadata attribute read from the class; None where the operator computes it per instance
-    (a property that depends on its options)."""
-    value = getattr(cls, key, None)
-    return None if isinstance(value, property) else value
-
-
 def operator_config(base: ModelConfig, name: str, options: dict, depth_window: int | None) -> ModelConfig:
     cls = DEPTH_OPERATORS.get(name)
     window = depth_window if cls.uses_depth_window else None
@@ -113,7 +107,8 @@ def operator_row(base: ModelConfig, name: str, options: dict, depth_window: int 
                  baseline_params: int) -> dict[str, Any]:
     cls = DEPTH_OPERATORS.get(name)
     row: dict[str, Any] = {"operator": name, "options": options}
-    row.update({key: class_metadata(cls, key) for key in METADATA})
+    metadata = {key: getattr(cls, key) for key in METADATA}  # the class's, until options parse
+    row.update(metadata)
     try:
         config = operator_config(base, name, options, depth_window)
         model = build_model(config)
@@ -124,7 +119,7 @@ def operator_row(base: ModelConfig, name: str, options: dict, depth_window: int 
     boundary = base.n_layers // 2 - 1
     formula, payload = op.pipeline_payload(boundary) if boundary >= 0 else ("1", 1)
     vectors = op.depth_state_vectors()
-    row.update({key: getattr(op, key) for key in METADATA})  # some depend on the options
+    row.update({key: value for key, value in cls.metadata(op.options).items() if key in METADATA})
     row.update({
         "depth_window": config.depth_window,
         "params": count_parameters(model),

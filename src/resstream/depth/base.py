@@ -11,7 +11,8 @@ around every sublayer *site* (attention, MLP, and the ShortSWA sub-block when pr
     h = op.finalize(state, ctx)                    # fed to the final norm and the LM head
 
 `read` returns the input already passed through the sublayer's pre-norm (operators that give
-attention separate query/key/value inputs return a `QKVViews`). An operator that acts inside
+attention separate query/key/value inputs return a `QKVViews`; an operator whose paper reads
+without it declares `reads_through_norm` False). An operator that acts inside
 attention on its value vectors (the value residual) sets `transforms_values`; the decoder then
 lets each global-attention sublayer pass its values through `op.attention_values(state, s, v)`
 (model.run_site). Operators acting once per block (ELC-BERT, DenseFormer, MUDD, DCA, Vertical,
@@ -37,6 +38,11 @@ from resstream.options import NoOptions
 from resstream.routing import RoutingRecorder
 
 SITE_KINDS = ("mix", "attn", "mlp")
+# the operator metadata declared as class attributes (DepthOperator); option-dependent values
+# come from `option_metadata`
+METADATA = ("aggregates", "mixing", "paper", "source_note", "starts_at_baseline",
+            "uses_depth_window", "cross_token_state", "granularity", "reads_through_norm",
+            "transforms_values")
 
 
 @dataclass(frozen=True)
@@ -199,26 +205,56 @@ class DepthOperator(nn.Module):
 
     name: ClassVar[str] = "?"
     Options: ClassVar[type] = NoOptions
-    # metadata for `resstream operators` (the compatibility and cost table)
+    # Metadata (`METADATA`; read by `resstream operators` and the contract tests): plain class
+    # attributes, declared one way. A value that depends on the options is not a property: the
+    # class keeps its default here and `option_metadata(options)` returns the value for given
+    # options; `metadata(options)` merges both, and every instance carries its own values.
     aggregates: ClassVar[str] = ""
     mixing: ClassVar[str] = "none"  # "none" | "static" | "dynamic"
     paper: ClassVar[str] = ""
     # a caveat about the source, printed under the table (e.g. a form not read from the paper)
     source_note: ClassVar[str] = ""
+    # at init the model equals `standard` on shared weights (up to the norms' eps where the
+    # module docstring says so); an operator that may not says why in its module docstring,
+    # in a sentence naming `starts_at_baseline`
     starts_at_baseline: ClassVar[bool] = True
     uses_depth_window: ClassVar[bool] = False
     cross_token_state: ClassVar[bool] = False
     granularity: ClassVar[str] = "sublayer"  # "sublayer" | "block"
+    # every read passes the stream through the sublayer's norm (False only where the paper
+    # reads without one, said in the module docstring)
+    reads_through_norm: ClassVar[bool] = True
 
     def __init__(self, config, sites: list[Site], options: Any):
         super().__init__()
         self.config = config
         self.sites = sites
         self.options = options
+        for key, value in self.option_metadata(options).items():
+            setattr(self, key, value)  # this instance's values (see `metadata`)
         self.d_model = config.d_model
         self.n_layers = config.n_layers
         active = config.depth_layers
         self.active_layers = frozenset(range(config.n_layers) if active is None else active)
+
+    @classmethod
+    def option_metadata(cls, options: Any) -> dict[str, Any]:
+        """The metadata values (keys of `METADATA`) that depend on the options, for `options`;
+        default: none (every value is the class attribute). Returns the same keys whatever
+        the option values."""
+        return {}
+
+    @classmethod
+    def metadata(cls, options: Any = None) -> dict[str, Any]:
+        """Every `METADATA` value of this operator with `options` (None: the defaults)."""
+        values = {key: getattr(cls, key) for key in METADATA}
+        extra = cls.option_metadata(cls.Options() if options is None else options)
+        unknown = sorted(set(extra) - set(METADATA))
+        if unknown:
+            raise RuntimeError(f"depth operator {cls.name!r}: option_metadata returns "
+                               f"{', '.join(unknown)}; allowed: {', '.join(METADATA)}")
+        values.update(extra)
+        return values
 
     @classmethod
     def validate_config(cls, config, options: Any) -> None:

@@ -163,9 +163,9 @@ class DeepCrossAttention(DepthOperator):
         if self.final_active:
             self.final_grn = GRN(version, self._n_entries(self.n_layers), d, 1, self.gate_norm)
 
-    @property
-    def mixing(self) -> str:  # type: ignore[override]
-        return "static" if self.options.grn in ("v1", "v2") else "dynamic"
+    @classmethod
+    def option_metadata(cls, options):
+        return {"mixing": "static" if options.grn in ("v1", "v2") else "dynamic"}
 
     def _n_entries(self, t: int) -> int:
         """Stack size before block t (t = n_layers: the final read)."""

@@ -30,6 +30,9 @@ options:
   The paper's text does not fix beta_0; its reported configs use 1.0, which we take as the
   default (the model then starts in the exact-overwrite regime along k, NOT at the standard
   residual). The code's module fallback (0.0, clamped to logit(1e-6)) is `beta_init=0`.
+  starts_at_baseline is False: with beta_init = 1 every write replaces the state's component
+  along k by v instead of adding h, and with beta_init = 0 the sublayers' outputs are not added
+  at all; no beta gives the standard residual's x + h.
 - k is the normalised sublayer output (App. A.1: no separate k-generator in the reported runs).
 
 Token mixing (the only depth-operator parts that mix tokens, so the only ones with a decode
@@ -313,6 +316,10 @@ class DeepDeltaLearning(DepthOperator):
                 "depth_options.token_kernel", options.token_kernel, "an integer in 1..64")
 
     @classmethod
+    def option_metadata(cls, options):
+        return {"cross_token_state": options.compressor == "tc" or options.expander == "ec"}
+
+    @classmethod
     def compressor_choices(cls) -> tuple[str, ...]:
         return ("cc", "tc")
 
@@ -339,7 +346,6 @@ class DeepDeltaLearning(DepthOperator):
             for index in [s.index for s in sites] + ["final"]:
                 self.compressors[str(index)] = make_compressor(options, d)
         self.expander = ConvExpander(d, dv, options.token_kernel) if options.expander == "ec" else None
-        self.cross_token_state = options.compressor == "tc" or options.expander == "ec"
         # the default heads (linear gate, value from c) can run as one `LinearHeads` node
         self.linear_heads = options.beta_gate == "linear" and options.value == "paper"
 

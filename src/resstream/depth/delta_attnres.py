@@ -55,7 +55,9 @@ an option):
   baseline (only its first read, 2 x_0, and the final read are multiples of x).
   `gate="alpha"` multiplies the mixture by a learnable scalar per read, initialised to 0 (the
   code's `learnable_alpha`): the model then starts exactly at the standard residual, any
-  granularity, any eps.
+  granularity, any eps. So starts_at_baseline is True with the gate, or with sublayer
+  granularity and zero queries; False otherwise (block granularity without the gate, or
+  `query_init="normal"`, whose random queries do not weight the sources uniformly).
 Left out: the code's optional null source, sigmoid gates, V-stream decoupling and entropy bonus.
 
 Implementation: the depth sources, pseudo-queries and the two-phase softmax read are shared with
@@ -112,15 +114,14 @@ class DeltaAttnRes(PseudoQueryReads):
                 "depth_options.block_append", options.block_append,
                 'before_read (after_read needs granularity="block")')
 
-    @property
-    def granularity(self) -> str:  # type: ignore[override]
-        return self.options.granularity
-
-    @property
-    def starts_at_baseline(self) -> bool:  # type: ignore[override]
+    @classmethod
+    def option_metadata(cls, options):
         # up to the norms' eps; block granularity without the gate reads x + mean(sources) where
-        # the sources miss the running block sum (see the module docstring)
-        return self.options.gate == "alpha" or self.options.granularity == "sublayer"
+        # the sources miss the running block sum, and random queries (query_init="normal") do not
+        # weight the sources uniformly (see the module docstring)
+        uniform = options.granularity == "sublayer" and options.query_init == "zero"
+        return {"granularity": options.granularity,
+                "starts_at_baseline": options.gate == "alpha" or uniform}
 
     def __init__(self, config, sites, options):
         block_size = options.block_size if options.granularity == "block" else 1

@@ -19,7 +19,7 @@ Choices where the paper is silent (docs/design.md, decision 3):
   so the model starts exactly as the standard residual; `mode="replace"`: u = W_O z^l (z becomes
   the block input, as in Attention Residuals but with the input-dependent query above; W_V and
   W_O start as identities, so with K = 1 the block input is N(h^(l)) -- it does not start at
-  the baseline).
+  the baseline: starts_at_baseline is True for "add" only).
 - granularity "block" (default; one read per block, the block keeps its internal residuals) or
   "sublayer" (one read before every sublayer over the sublayer-level cumulative states).
 - one ShortSWA module shared across depth (`shared=True`, default: the duality is literal, each
@@ -148,6 +148,7 @@ class DepthSWA(DepthOperator):
     mixing = "dynamic"
     paper = "Zhang, Residual Stream Duality in Modern Transformer Architectures (arXiv 2603.16039)"
     uses_depth_window = True
+    granularity = "block"  # the default; `option_metadata` gives the value for other options
 
     @dataclass
     class Options:
@@ -166,9 +167,10 @@ class DepthSWA(DepthOperator):
         require(heads >= 1 and config.d_model % heads == 0, "depth_options.heads", options.heads,
                 f"a divisor of d_model={config.d_model}")
 
-    @property
-    def granularity(self) -> str:  # type: ignore[override]
-        return self.options.granularity
+    @classmethod
+    def option_metadata(cls, options):
+        # mode="replace" reads W_O z (identity W_V, W_O): not the standard residual at init
+        return {"granularity": options.granularity, "starts_at_baseline": options.mode == "add"}
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)

@@ -29,8 +29,9 @@ from x_n. Without a mixer, m = 0. ShortSWA's sub-block is the first part of the 
 
 Init (as the released code): all logits 0 (uniform average over the sources) except "base":
 last logit 1 (the previous output weighted e / (n - 1 + e)); w_out = 0. None of the variants
-starts at the standard residual: "zero" at init reads the uniform *average* of the embedding
-and the block deltas where the standard residual reads their sum.
+starts at the standard residual (starts_at_baseline is False): "zero" at init reads the uniform
+*average* of the embedding and the block deltas where the standard residual reads their sum,
+and its final hidden is the last block's delta alone.
 
 Our choices where the sources differ from our decoder:
 - LTG-BERT normalises with LayerNorm; we use our RMSNorm (no affine) for "normalized". In that

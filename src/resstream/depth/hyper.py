@@ -282,6 +282,7 @@ class HyperConnections(DepthOperator):
     aggregates = ("n residual streams: per-sublayer learned read (A_m), write (B) and stream "
                   "mix (A_r)")
     paper = "Zhu et al., Hyper-Connections (ICLR 2025, arXiv 2409.19606)"
+    mixing = "dynamic"  # the default (DHC); `option_metadata`: "static" for dynamic=False
     starts_at_baseline = True  # up to the final norm's eps (the streams are summed)
 
     @dataclass
@@ -293,9 +294,9 @@ class HyperConnections(DepthOperator):
     def validate_config(cls, config, options) -> None:
         require(options.streams >= 1, "depth_options.streams", options.streams, "an integer >= 1")
 
-    @property
-    def mixing(self) -> str:  # type: ignore[override]
-        return "dynamic" if self.options.dynamic else "static"
+    @classmethod
+    def option_metadata(cls, options):
+        return {"mixing": "dynamic" if options.dynamic else "static"}
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)

@@ -106,6 +106,7 @@ class Laurel(DepthOperator):
     aggregates = ("alpha f(x) + beta (x + low-rank B A x + learned mix of the k latest "
                   "stream states), per variant")
     mixing = "static"
+    starts_at_baseline = False  # the default variant rw_lr (softmax weights); see option_metadata
     paper = ("Menghani, Kumar, Kumar: LAuReL: Learned Augmented Residual Layer "
              "(ICML 2025, arXiv 2411.07501)")
 
@@ -129,13 +130,11 @@ class Laurel(DepthOperator):
         require(options.granularity in GRANULARITIES, "depth_options.granularity",
                 options.granularity, ", ".join(GRANULARITIES))
 
-    @property
-    def granularity(self) -> str:  # type: ignore[override]
-        return self.options.granularity
-
-    @property
-    def starts_at_baseline(self) -> bool:  # type: ignore[override]
-        return "rw" not in self.parts or self.options.rw_weights == "none"
+    @classmethod
+    def option_metadata(cls, options):
+        rw = "rw" in options.variant.split("_")
+        return {"granularity": options.granularity,
+                "starts_at_baseline": not rw or options.rw_weights == "none"}
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)

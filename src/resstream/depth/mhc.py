@@ -162,6 +162,10 @@ class ManifoldHyperConnections(HyperConnections):
         init: str = "symmetry_breaking"  # "symmetry_breaking" | "zero" (biases; phi = 0 always)
 
     @classmethod
+    def option_metadata(cls, options):
+        return {}  # always dynamic (HyperConnections' `dynamic` option is not one of ours)
+
+    @classmethod
     def validate_config(cls, config, options) -> None:
         require(options.streams >= 1, "depth_options.streams", options.streams, "an integer >= 1")
         require(options.sinkhorn_iters >= 1, "depth_options.sinkhorn_iters", options.sinkhorn_iters,

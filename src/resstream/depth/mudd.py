@@ -26,7 +26,9 @@ The released code's choices, as options:
 - `separate_norms=True` ("sepln"): the Q, K, V inputs get separate RMSNorms. We use attention's
   own pre-norm for Q and two operator-owned RMSNorms (`kv_norms[str(block)]`, weight 1 at init)
   for K and V -- the same parameterisation as three new norms, without leaving attention's norm
-  unused. `False`: attention's norm normalises all three views.
+  unused. `False`: attention's norm normalises all three views. So with separate_norms the
+  operator declares reads_through_norm False: its K and V reads pass through its own norms,
+  not the sublayer's (every other read, Q included, passes through the sublayer's norm).
 - `hidden_multiple=64`: the DA hidden width K_i = C (i+1) is rounded as the code does,
   (K_i // 64 + 1) * 64 -- a full extra step even when K_i is already a multiple; 0 = no rounding.
 - `expand_last=True`: the last DA's hidden width is 4x (before rounding).
@@ -278,6 +280,7 @@ class MUDD(DepthOperator):
     mixing = "dynamic"
     paper = ("Xiao, Meng, Li, Yuan: MUDDFormer, Multiway Dynamic Dense connections "
              "(ICML 2025, arXiv 2502.12170)")
+    reads_through_norm = False  # the default separate_norms=True; see option_metadata
     starts_at_baseline = True
     granularity = "block"
 
@@ -286,6 +289,10 @@ class MUDD(DepthOperator):
         separate_norms: bool = True  # sepln: own RMSNorms for the K and V inputs (Q: attention's)
         hidden_multiple: int = 64  # DA hidden width rounding as the code: (K // m + 1) m; 0 = none
         expand_last: bool = True  # last DA hidden width x4 (before rounding)
+
+    @classmethod
+    def option_metadata(cls, options):
+        return {"reads_through_norm": not options.separate_norms}  # see the module docstring
 
     @classmethod
     def validate_config(cls, config, options) -> None:

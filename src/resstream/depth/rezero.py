@@ -9,7 +9,8 @@ Prasad Majumder, Huanru Henry Mao, Garrison W. Cottrell, Julian McAuley (UAI 202
 The paper removes the LayerNorm (ReZero replaces it); its transformer's sublayers read x_s itself.
 Our decoder's sublayers own their pre-norm, so by default (`norm=True`) a sublayer reads
 Norm(x_s), i.e. x_{s+1} = x_s + alpha_s F_s(Norm(x_s)); `norm=False` reproduces the paper: the
-read passes x_s without the norm (the sublayers' pre-norm weights are then unused).
+read passes x_s without the norm (the sublayers' pre-norm weights are then unused, and the
+operator declares reads_through_norm False).
 
 At init every alpha is 0, so the stream is the embedding alone and the model's output is
 head(Norm(embedding)): the identity across depth, not the standard model (starts_at_baseline is
@@ -41,6 +42,10 @@ class ReZero(DepthOperator):
     @dataclass
     class Options:
         norm: bool = True  # keep the sublayer's pre-norm (False: the paper, no norm)
+
+    @classmethod
+    def option_metadata(cls, options):
+        return {"reads_through_norm": options.norm}
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)

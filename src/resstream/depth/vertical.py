@@ -27,7 +27,8 @@ Our choices (all documented options):
   x_l = o^full_{l-1} + sum_j softmax(theta_l)_j N(o_j) (o^full_{-1} = embedding).
 - Init: theta_l = 0 (uniform average; the paper's init is unknown) except the adjacent source's
   logit, `init_adjacent_logit` (default 0). Either way the model does not start at the
-  standard residual: at init block 0 already reads N(embedding).
+  standard residual (starts_at_baseline is False): every block's input holds a softmax average
+  of RMS-scaled sources (block 0 already reads N(embedding) in place of the embedding).
 - Block 0 reads one source (softmax over one logit is 1): no parameter there.
 - The mixer sub-block (ShortSWA) is part of the block: S = x_l + ShortSWA(Norm(x_l)).
 - `depth_layers`: an inactive block reads the plain residual: the previous block's output

@@ -134,6 +134,10 @@ class ShortSWA(LocalMixer):
         return {"block": ShortSWABlock(config, options, 2 * config.n_layers)}
 
     @classmethod
+    def replaces_attention(cls, options) -> bool:
+        return options.replace_attention
+
+    @classmethod
     def forward_macs_per_token(cls, config, seq_len):
         """Per block: its own W_Q, W_K, W_V, W_O (d x d_q, 2 x d x d_kv, d_q x d; d_q = d) plus
         the window's scores and mix, 2 d_q min(w, t) averaged over positions t = 1..T."""

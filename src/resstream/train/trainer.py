@@ -104,8 +104,9 @@ def default_run_name(config: TrainConfig) -> str:
         return config.name
     model = config.model
     parts = [config.preset, str(model.get("depth", "standard"))]
-    if model.get("local_mixer"):
-        parts.append(str(model["local_mixer"]))
+    mixer = model.get("local_mixer")
+    if mixer:
+        parts.append("+".join(map(str, mixer)) if isinstance(mixer, (list, tuple)) else str(mixer))
     return "-".join(parts)
 
 
