@@ -38,6 +38,9 @@ DEPTH_VARIANTS = {
                                               "block_append": "after_read", "final_read": False})],
     "laurel": [("laurel-rw-lr-pa-block", {"variant": "rw_lr_pa", "granularity": "block"})],
     "value_residual": [("value-residual-learnable", {"learnable": True})],
+    # an extra norm on the embedding; the raw embedding into the first sublayer
+    "peri_ln": [("peri-ln-embedding-norm", {"embedding_norm": True})],
+    "deepnorm": [("deepnorm-raw-embedding", {"embedding_norm": False, "init": "scale"})],
 }
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()

@@ -256,6 +256,11 @@ OPTION_VARIANTS = [(name, {}) for name in list_depth_operators()] + [
     ("rezero", {"depth_options": {"norm": False}, "depth_layers": [0, 5]}),
     ("value_residual", {"depth_options": {"learnable": True}, "local_mixer": "shortconv"}),
     ("value_residual", {"depth_layers": [0, 2]}),  # V_1 stays behind after block 2
+    ("post_ln", {"depth_layers": [1, 4], "local_mixer": "shortswa"}),
+    ("deepnorm", {"depth_options": {"embedding_norm": False}, "depth_layers": [0, 3]}),
+    ("peri_ln", {"depth_options": {"embedding_norm": True}, "depth_layers": [0, 2]}),
+    ("ln_scaling", {"depth_options": {"index": "sublayer"}, "local_mixer": "shortswa"}),
+    ("orthogonal", {"depth_layers": [2, 3]}),
 ]
 
 

@@ -198,6 +198,8 @@ class ResStreamLM(nn.Module):
         for i, block in enumerate(self.blocks):
             block.sites = self.sites[i * per_block:(i + 1) * per_block]
         self.depth = config.depth_operator_cls(config, self.sites, config.depth_opts)
+        with torch.no_grad():
+            self.depth.init_sublayers(self.blocks)  # an operator's init of the sublayer weights
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -15,7 +15,9 @@ attention separate query/key/value inputs return a `QKVViews`; an operator whose
 without it declares `reads_through_norm` False). An operator that acts inside
 attention on its value vectors (the value residual) sets `transforms_values`; the decoder then
 lets each global-attention sublayer pass its values through `op.attention_values(state, s, v)`
-(model.run_site). Operators acting once per block (ELC-BERT, DenseFormer, MUDD, DCA, Vertical,
+(model.run_site). An operator whose method prescribes an init of the sublayers' own weights
+(DeepNet's beta) applies it in `init_sublayers`, which the model calls once after building its
+blocks. Operators acting once per block (ELC-BERT, DenseFormer, MUDD, DCA, Vertical,
 depth_swa) do their work at `site.first` / `site.last`; the others (AttnRes, HC, DDL) at every
 site. Everything here is position-wise over
 depth: no operator mixes tokens, except those that declare `cross_token_state`.
@@ -275,6 +277,13 @@ class DepthOperator(nn.Module):
 
     def finalize(self, state: Any, ctx) -> Tensor:
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- sublayer init
+    def init_sublayers(self, blocks: nn.ModuleList) -> None:
+        """Called once by the model after it has built and initialised every block (and before
+        any weights are loaded): an operator whose method prescribes an init of the sublayers'
+        own weights applies it here, in place (DeepNet's beta scaling, LayerNorm Scaling
+        without the scaled init of the output projections). Default: nothing."""
 
     # ---------------------------------------------------------------- attention values
     # An operator that acts on global attention's value vectors (ResFormer's value residual)
