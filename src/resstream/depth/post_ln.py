@@ -56,6 +56,11 @@ class PostLN(DepthOperator):
     class Options:
         embedding_norm: bool = True  # the first sublayer's norm normalises the embedding
 
+    @classmethod
+    def option_metadata(cls, options) -> dict:
+        # embedding_norm=False: the first sublayer reads the raw embedding (no norm)
+        return {"reads_through_norm": options.embedding_norm}
+
     # the residual scale alpha of x_{s+1} = Norm(alpha x_s + F_s(x_s)); 1 for Post-LN
     def residual_scale(self) -> float:
         return 1.0
