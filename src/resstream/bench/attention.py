@@ -38,13 +38,12 @@ import argparse
 import dataclasses
 import os
 import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, measure, print_result, set_threads
+from resstream.bench.timing import format_table, print_result, seconds_per_call, set_threads
 from resstream.errors import UserError
 from resstream.hardware import parse_device
 from resstream.ops import local_attention, local_attention_mask
@@ -108,16 +107,6 @@ def build_variants(n: int, args, elem_bytes: int, device) -> list[Variant]:
     return variants
 
 
-def _synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time_once(fn: Callable[[], object], device) -> float:
-    _synchronize(device)
-    return measure(fn, repeats=1, warmup=0)
-
-
 def _run_size(n: int, args, device, dtype) -> list[Variant]:
     shape = (args.batch, args.heads, n, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -136,18 +125,18 @@ def _run_size(n: int, args, device, dtype) -> list[Variant]:
     with torch.no_grad():
         expected = ready[0].forward(q, k, v)  # chunked
     for var in ready:
-        start = time.perf_counter()
-        out = forward(var)  # warm-up (compiles flex), then checked against chunked
-        _synchronize(device)
+        outputs = []  # the warm-up (it compiles flex), then checked against chunked
+        warm_up = seconds_per_call(lambda: outputs.append(forward(var)))
+        out = outputs[0]
         if var.name == "flex":
-            var.compile_s = time.perf_counter() - start
+            var.compile_s = warm_up
         if var.same_function:
             var.max_diff = (out.float() - expected.float()).abs().max().item()
     for _ in range(args.repeats):
         for var in ready:
-            var.times["fwd"].append(_time_once(lambda: forward(var), device))
+            var.times["fwd"].append(seconds_per_call(lambda: forward(var)))
             if var.backward:
-                var.times["fwd_bwd"].append(_time_once(lambda: forward_backward(var), device))
+                var.times["fwd_bwd"].append(seconds_per_call(lambda: forward_backward(var)))
     return variants
 
 

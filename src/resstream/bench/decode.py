@@ -53,12 +53,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from typing import Any
 
 import torch
 
-from resstream.bench.timing import format_table, paired_ratio, print_result, set_threads
+from resstream.bench.timing import (format_table, paired_ratio, print_result, seconds_per_call,
+                                    set_threads)
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.hardware import parse_device, require_dtype_runs
@@ -203,21 +203,13 @@ def depth_state_bytes_per_token(model, device) -> int:
 def time_steps(model, token: torch.Tensor, cache, context: int, steps: int, warm: int = 1) -> float:
     """Seconds per decode step at position `context` (mean over `steps` steps), after `warm`
     untimed steps that bring this model's weights and cache back into the CPU caches."""
+    def step():
+        cache.length = context
+        model(token, cache=cache)
+
     for _ in range(warm):
-        cache.length = context
-        model(token, cache=cache)
-    synchronize(token.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        cache.length = context
-        model(token, cache=cache)
-    synchronize(token.device)
-    return (time.perf_counter() - start) / steps
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        step()
+    return seconds_per_call(step, number=steps)
 
 
 @torch.no_grad()
@@ -277,13 +269,7 @@ def measure_recompute(ready: list[Variant], base, contexts, repeats, device) -> 
         return None
     ids = torch.randint(0, base.vocab_size, (1, context), device=device)
     baseline.model(ids)  # warm-up
-    times = []
-    for _ in range(max(3, repeats // 4)):
-        synchronize(device)
-        start = time.perf_counter()
-        baseline.model(ids)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [seconds_per_call(lambda: baseline.model(ids)) for _ in range(max(3, repeats // 4))]
     return {"context": context, "full_forward_ms": 1000 * min(times),
             "full_forward_median_ms": 1000 * statistics.median(times)}
 

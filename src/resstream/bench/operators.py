@@ -36,13 +36,12 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from resstream.bench.timing import format_table, print_result, set_threads
+from resstream.bench.timing import format_table, print_result, seconds_per_call, set_threads
 from resstream.config import ModelConfig
 from resstream.errors import UserError
 from resstream.hardware import parse_device
@@ -128,25 +127,16 @@ def progress(message: str) -> None:
     print(f"[bench operators] {message}", file=sys.stderr, flush=True)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(variant: Variant, ids, targets, device, compiled: bool = False) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    training_step(variant, ids, targets, compiled)
-    synchronize(device)
-    return time.perf_counter() - start
+    return seconds_per_call(lambda: training_step(variant, ids, targets, compiled))
 
 
 def cuda_peak_step_bytes(variant: Variant, ids, targets, device) -> int:
-    synchronize(device)
+    torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     training_step(variant, ids, targets)
-    synchronize(device)
+    torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 

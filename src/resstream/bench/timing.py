@@ -1,30 +1,23 @@
-"""Timing helpers shared by the benchmarks: warm-up, repeats, median wall time, paired ratios."""
+"""Timing helpers shared by the benchmarks: one timed measurement, paired ratios, tables."""
 from __future__ import annotations
 
 import json
 import random
 import statistics
-import time
 from typing import Callable
 
 import torch
+from torch.utils.benchmark import Timer
 
 from resstream.errors import UserError
 
 
-def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
-    """Median seconds per call of `fn` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start_all < min_time:
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds_per_call(fn: Callable[[], object], number: int = 1) -> float:
+    """Mean wall seconds per call of `fn` over `number` back-to-back calls, timed by
+    torch.utils.benchmark.Timer (which synchronises CUDA before reading its clock, so queued
+    GPU work is counted). One measurement: the benchmarks interleave their variants
+    themselves, so that a slow phase of a shared machine hits every variant alike."""
+    return Timer(stmt="fn()", globals={"fn": fn}).timeit(number).mean
 
 
 def paired_ratios(times: list[float], reference: list[float]) -> list[float]:
