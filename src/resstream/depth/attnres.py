@@ -60,6 +60,10 @@ descriptions; defaults = the method):
 Any switch off its default runs a plain-autograd path (`PlainState`, `_ablation_mix`: stacked
 sources, autograd through ordinary ops, in training, prefill and decode alike) instead of the
 fused two-phase path and its decode workspace below, which serve only the defaults.
+`impl="naive"` takes the plain path for the defaults too (tests hold fused == naive);
+`impl="auto"` (the default) takes it under torch.compile, where it traces without graph breaks
+and the compiler fuses its ops, and the fused path in eager mode (measured faster there on CPU;
+on a GPU, compare them with `resstream bench operators --option attnres.impl=naive`).
 `block_attnres` takes either `block_size` (S sublayers per block, default 4) or `n_blocks`
 (the paper's N, e.g. 8: S = ceil(sublayers / N)), not both.
 
@@ -102,6 +106,7 @@ from resstream.routing import depth_attention_result, site_label
 CHUNK = 4  # the minimum number of reads per phase
 QUERIES = ("static", "input")
 WEIGHTINGS = ("softmax", "sigmoid")
+IMPLS = ("auto", "fused", "naive")
 
 
 @dataclass
@@ -111,6 +116,11 @@ class AblationOptions:
     weights: str = "softmax"  # "softmax" | "sigmoid" (each source weighted independently)
     heads: int = 1  # > 1: per-head depth mixing, the d channels split into `heads` groups
     key_norm: bool = True  # False: logits w^T v_i, without RMSNorm on the keys
+    # "fused": the phase schedule with hand-written backward passes (eager CPU speed);
+    # "naive": the plain-autograd path, the equations as written; "auto": fused in eager mode,
+    # naive under torch.compile (the fused path's bookkeeping breaks dynamo's graph, and the
+    # compiler fuses the plain ops itself)
+    impl: str = "auto"
 
 
 def validate_ablations(config, options) -> None:
@@ -119,6 +129,7 @@ def validate_ablations(config, options) -> None:
             ", ".join(WEIGHTINGS))
     require(options.heads >= 1 and config.d_model % options.heads == 0, "depth_options.heads",
             options.heads, f"a divisor of d_model={config.d_model} (1: one weight per source)")
+    require(options.impl in IMPLS, "depth_options.impl", options.impl, ", ".join(IMPLS))
 
 
 def is_ablation(options) -> bool:
@@ -588,8 +599,8 @@ class BlockAttnResBase(PseudoQueryReads):
 
     def __init__(self, config, sites, options, block_size: int):
         super().__init__(config, sites, options, block_size)
-        self.plain = is_ablation(options)
-        if self.plain:  # the ablation switches' parameters (see the module docstring)
+        self.plain = is_ablation(options) or options.impl == "naive"
+        if is_ablation(options):  # the ablation switches' parameters (see the module docstring)
             d = config.d_model
             if options.query == "input":  # W_l, zero: uniform weights at init, as w_l = 0
                 self.query = nn.ParameterDict({k: nn.Parameter(torch.zeros(d, d))
@@ -598,7 +609,7 @@ class BlockAttnResBase(PseudoQueryReads):
                 self.key_norm = nn.ParameterDict()
 
     def init_state(self, x0, ctx):
-        if self.plain:
+        if self.plain or (self.options.impl == "auto" and torch.compiler.is_compiling()):
             return PlainState([], x0)
         if is_decode_step(x0):
             return decode_workspace(self, x0, ctx).begin(x0, keep_total=self.n_inactive > 0)

@@ -83,10 +83,13 @@ def is_decode_step(x: Tensor) -> bool:
 
     Such a step on a small batch is bound by per-op overhead, not by memory traffic, so
     operators may take a path with fewer (and smaller) ops there than the path built for
-    training on [B, T, d]. The decode-parity tests (prefill with the general path, then
+    training on [B, T, d]. Never while torch.compile traces (see below). The decode-parity tests (prefill with the general path, then
     token-by-token steps with this one, against a full forward) check that both agree.
     """
-    return x.shape[1] == 1 and not torch.is_grad_enabled()
+    # Under torch.compile the general path is taken: the compiler removes the per-op overhead
+    # this path exists for, and the workspace's bookkeeping (checks of weight versions and of
+    # inference mode) would break the graph.
+    return x.shape[1] == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 class DecodeWorkspace:
