@@ -99,3 +99,23 @@ def test_vertical_says_its_form_is_not_from_the_paper(capsys, json_table):
     assert "`vertical`: the paper's text could not be found" in notes
     vertical = next(r for r in json_table["operators"] if r["operator"] == "vertical")
     assert "not from the paper" in vertical["source_note"]
+
+
+def test_graph_break_column_counts_what_dynamo_reports():
+    """--graph-breaks: each row's training / decode graph breaks, as resstream.compile_check
+    measures them (here a subset of rows: tracing every operator takes a minute or two)."""
+    from resstream.compile_check import training_graph_breaks
+    from resstream.config import ModelConfig
+    from resstream.operators_table import add_graph_breaks, build_table, to_markdown
+
+    table = build_table(ModelConfig(d_model=32, n_layers=2, n_heads=4))
+    table["operators"] = [r for r in table["operators"] if r["operator"] in ("standard", "hyper")]
+    table["mixers"] = [r for r in table["mixers"] if r["mixer"] == "canon"]
+    add_graph_breaks(table, {"hyper": {"dynamic": False}})
+    rows = {r["operator"]: r["graph_breaks"] for r in table["operators"]}
+    assert rows["standard"] == {"train": 0, "decode": 0}
+    hyper = training_graph_breaks("hyper", depth_options={"dynamic": False}).count
+    assert rows["hyper"]["train"] == hyper
+    assert table["mixers"][0]["graph_breaks"] == {"train": 0, "decode": 0}
+    text = to_markdown(table)
+    assert text.count("graph breaks (train / decode)") == 2 and "| 0 / 0 " in text

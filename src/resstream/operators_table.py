@@ -178,6 +178,31 @@ def build_table(base: ModelConfig, option_overrides: dict[str, dict] | None = No
             "operators": operators, "mixers": mixers}
 
 
+def add_graph_breaks(table: dict[str, Any], overrides: dict[str, dict]) -> None:
+    """--graph-breaks: dynamo's graph breaks of the training forward and of a cached decode step
+    (resstream.compile_check, tiny shapes) for every operator (alone) and mixer (with standard),
+    at the options of its row. Traced, not timed: a few seconds per entry."""
+    from resstream.compile_check import decode_graph_breaks, training_graph_breaks
+
+    for key, kind in (("operators", "operator"), ("mixers", "mixer")):
+        for row in table[key]:
+            if "error" in row:
+                continue
+            name = row[kind]
+            model_args = ({"depth": name, "depth_options": overrides.get(name, {})}
+                          if kind == "operator" else
+                          {"depth": "standard", "mixer": name,
+                           "mixer_options": overrides.get(name, {})})
+            depth = model_args.pop("depth")
+            row["graph_breaks"] = {"train": training_graph_breaks(depth, **model_args).count,
+                                   "decode": decode_graph_breaks(depth, **model_args).count}
+
+
+def _breaks_text(row: dict) -> list[str]:
+    breaks = row.get("graph_breaks")
+    return [] if breaks is None else [f"{breaks['train']} / {breaks['decode']}"]
+
+
 def _options_text(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
 
@@ -200,18 +225,22 @@ def to_markdown(table: dict[str, Any]) -> str:
     headers = ["operator", "options", "aggregates", "mixing", "granularity", "starts at baseline",
                "params added", "depth state / token", "cross-token decode state",
                "PP payload (d-vectors)", "PP vs standard", "train FLOPs/token (vs standard)"]
+    breaks = any("graph_breaks" in r for r in table["operators"] + table["mixers"])
+    if breaks:
+        headers.append("graph breaks (train / decode)")
     rows = []
     for r in table["operators"]:
         if "error" in r:
             rows.append([r["operator"], _options_text(r["options"]), r["aggregates"], r["mixing"],
-                         r["granularity"], "", f"n/a: {r['error']}", "", "", "", "", ""])
+                         r["granularity"], "", f"n/a: {r['error']}", "", "", "", "", ""]
+                        + [""] * breaks)
             continue
         cross = (f"yes: {r['cross_token_cache_values']:,} values/seq" if r["cross_token_state"] else "no")
         rows.append([r["operator"], _options_text(r["options"]), r["aggregates"], r["mixing"],
                      r["granularity"], "yes" if r["starts_at_baseline"] else "no",
                      f"{r['params_added']:,}", f"{r['depth_state_vectors']} x d = {r['depth_state_values']:,}",
                      cross, _formula_text(r["pipeline_formula"], r["pipeline_vectors"]),
-                     f"{r['pipeline_vectors']:g}x", _flops_text(r, config)])
+                     f"{r['pipeline_vectors']:g}x", _flops_text(r, config)] + _breaks_text(r))
     lines.append(format_table(headers, rows))
     notes = [f"- `{r['operator']}`: {r['source_note']}" for r in table["operators"] if r.get("source_note")]
     lines += ["", "Notes:", "", *notes] if notes else []
@@ -220,14 +249,15 @@ def to_markdown(table: dict[str, Any]) -> str:
     for r in table["mixers"]:
         if "error" in r:
             mixer_rows.append([r["mixer"], _options_text(r["options"]), "", f"n/a: {r['error']}", "", "",
-                               "", r["paper"]])
+                               "", r["paper"]] + [""] * breaks)
             continue
         mixer_rows.append([r["mixer"], _options_text(r["options"]), ", ".join(r["slots"]),
                            f"{r['params_added']:,}",
                            f"{r['decode_state_values']:,} values/seq", r["decode_state"],
-                           _flops_text(r, config), r["paper"]])
+                           _flops_text(r, config), r["paper"]] + _breaks_text(r))
     lines.append(format_table(["mixer", "options", "slots", "params added", "decode state (measured)",
-                               "decode state", "train FLOPs/token (vs standard)", "paper"], mixer_rows))
+                               "decode state", "train FLOPs/token (vs standard)", "paper"]
+                              + ["graph breaks (train / decode)"] * breaks, mixer_rows))
     return "\n".join(lines)
 
 
@@ -249,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault(name, {})[field_name] = value
     base = ModelConfig.from_dict(values)
     table = build_table(base, overrides, args.depth_window)
+    if args.graph_breaks:
+        add_graph_breaks(table, overrides)
     if args.format == "json":
         print(json.dumps(table, indent=2))
     else:
@@ -269,5 +301,8 @@ def register(subparsers) -> None:
                         help="any other model config field, e.g. --set n_kv_heads=2 (repeatable)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
                         help="an option of one operator or mixer, e.g. --option ddl.value_dim=4")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="also trace every operator and mixer with torch.compile's dynamo and "
+                             "print its graph breaks, training / decode step (0 is the goal)")
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
     parser.set_defaults(func=run)
