@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from resstream.options import NoOptions
+from resstream.options import NoOptions, require
 from resstream.routing import RoutingRecorder
 
 SITE_KINDS = ("mix", "attn", "mlp")
@@ -76,6 +76,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def cast(x: Tensor, dtype: torch.dtype) -> Tensor:
     """x in `dtype`, without any dispatched call when it already is."""
     return x if x.dtype == dtype else x.to(dtype)
+
+
+IMPLS = ("auto", "fused", "naive")
+
+
+def validate_impl(impl: str) -> None:
+    """The `impl` option of operators with a hand-written (fused) path beside a naive one."""
+    require(impl in IMPLS, "depth_options.impl", impl, ", ".join(IMPLS))
+
+
+def use_naive(impl: str) -> bool:
+    """Whether a forward takes the naive path: impl "naive", or "auto" under torch.compile.
+
+    The fused paths are hand-written autograd nodes (and buffer tricks) that make CPU eager
+    training fast; under torch.compile they hide the arithmetic from inductor, which fuses the
+    naive path's plain ops itself (and some of them break the graph). "auto" keeps fused in
+    eager mode on every device: whether naive is faster in CUDA eager is to be measured, e.g.
+    `resstream bench operators --device cuda --option hyper.impl=naive`."""
+    return impl == "naive" or (impl == "auto" and torch.compiler.is_compiling())
 
 
 def is_decode_step(x: Tensor) -> bool:

@@ -55,6 +55,11 @@ Fast path (same results): with d_v = 1 the write works from h itself, x' = x + 2
 materialised; under autograd it is one hand-written node (`VectorDeltaWrite`, saving x and h
 only), and the default gate and value heads share another (`LinearHeads`). Without autograd
 (prefill, decode) the same arithmetic runs as about ten small ops per site.
+
+`impl`: "fused" is that fast path; "naive" runs the equations above in plain autograd ops for
+every d_v (`delta_update` on X [..., d, 1] for d_v = 1, the heads as ordinary linear layers);
+"auto" (default) is fused in eager mode (CPU: the nodes were written for it; CUDA: to be
+measured) and naive under torch.compile, where inductor fuses the plain ops itself.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import DepthOperator, cast, compute_dtype
+from resstream.depth.base import DepthOperator, cast, compute_dtype, use_naive, validate_impl
 from resstream.mixers.shortconv import CausalDepthwiseConv
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -279,6 +284,7 @@ class DDLState:
     x_in: Tensor | None = None  # compressed read of the current site
     c: Tensor | None = None  # its normalised form (the sublayer input)
     plain_heads: bool = False  # gate and value are plain F.linear on c (`plain_heads`)
+    naive: bool = False  # the naive path (`impl`)
     extra: dict = field(default_factory=dict)
 
 
@@ -299,6 +305,7 @@ class DeepDeltaLearning(DepthOperator):
         compressor_init: str = "mean"  # "mean" (1/d_v) | "code" (1/d_v + N(0, 0.5/sqrt(d)))
         expander: str = "none"  # "none" (repeat the embedding into every channel) | "ec" (conv)
         token_kernel: int = 4  # taps of the TC and EC convs over tokens
+        impl: str = "auto"  # "auto" | "fused" | "naive" (module docstring)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
@@ -314,6 +321,7 @@ class DeepDeltaLearning(DepthOperator):
                 ", ".join(cls.expander_choices()))
         require(isinstance(options.token_kernel, int) and 1 <= options.token_kernel <= 64,
                 "depth_options.token_kernel", options.token_kernel, "an integer in 1..64")
+        validate_impl(options.impl)
 
     @classmethod
     def option_metadata(cls, options):
@@ -357,6 +365,8 @@ class DeepDeltaLearning(DepthOperator):
             X = x0
         else:
             X = x0[..., None].expand(*x0.shape, self.value_dim).contiguous()
+        if use_naive(self.options.impl):
+            return DDLState(X, naive=True)
         return DDLState(X, plain_heads=self.plain_heads(x0))
 
     def plain_heads(self, x0: Tensor) -> bool:
@@ -393,9 +403,11 @@ class DeepDeltaLearning(DepthOperator):
         z, v = self.gate_and_value(key, state)
         if self._routing is not None:  # beta = 2 sigmoid(z), which the fused write never forms
             self._routing.add_samples(site_label(self.sites[int(key)]), 2 * torch.sigmoid(z))
-        if self.value_dim > 1:
+        if self.value_dim > 1 or state.naive:  # X' = X + beta k (v^T - k^T X)
             beta = cast((2 * torch.sigmoid(z)).squeeze(-1), out.dtype)
-            return delta_update(state.X, unit_direction(out), beta, v)
+            X = state.X if self.value_dim > 1 else state.X[..., None]
+            X = delta_update(X, unit_direction(out), beta, v)
+            return X if self.value_dim > 1 else X[..., 0]
         # vector state: the fused write (k and beta never materialised)
         if torch.is_grad_enabled():
             return VectorDeltaWrite.apply(state.X, out, z, v)

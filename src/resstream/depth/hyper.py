@@ -47,6 +47,12 @@ batched matmul; its backward builds the streams' gradient in one buffer) and `St
 addcmul). A decode step (`is_decode_step`) keeps the streams as [B, n, d], reads a sublayer
 with ten small ops (`decode_read`) and takes the stacked tables from the decode cache
 (`HyperWorkspace`), built once instead of at every step.
+
+`impl` (see `use_naive`): "fused" is the path above; "naive" is the equations above in plain
+autograd ops (`naive_coefficients`, `naive_read`, `naive_write`), the streams [..., n, d] in
+every step, decode included; "auto" (default) is fused in eager mode (CPU: the nodes were
+written for it; CUDA: to be measured) and naive under torch.compile, where inductor fuses the
+plain ops itself.
 """
 from __future__ import annotations
 
@@ -56,10 +62,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from resstream.depth.base import (DecodeWorkspace, DepthOperator, cast, compute_dtype,
-                                  decode_workspace, is_decode_step)
+                                  decode_workspace, is_decode_step, use_naive, validate_impl)
 from resstream.options import require
 from resstream.registry import register_depth_operator
 from resstream.routing import site_label, stream_mixing_result
@@ -214,6 +221,7 @@ class StreamState:
     write: Tensor | None = None  # write weights B of the last read, [N, n, 1] (or [n, 1])
     tables: dict | None = None  # per active sublayer, what its read needs (see site_tables)
     decode: bool = False  # decode-step layout
+    naive: bool = False  # the naive path (`impl`): streams [..., n, d] in every step
     autocast: bool = True  # False: autocast was off at init_state (skip its context)
 
 
@@ -289,10 +297,12 @@ class HyperConnections(DepthOperator):
     class Options:
         streams: int = 4  # expansion rate n
         dynamic: bool = True  # DHC (input-dependent A_m, A_r, B); False = static SHC
+        impl: str = "auto"  # "auto" | "fused" | "naive" (module docstring)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
         require(options.streams >= 1, "depth_options.streams", options.streams, "an integer >= 1")
+        validate_impl(options.impl)
 
     @classmethod
     def option_metadata(cls, options):
@@ -341,9 +351,44 @@ class HyperConnections(DepthOperator):
         h_in, mixed, _ = sums.split_with_sizes([1, self.n, 1], dim=-2)
         return h_in, mixed, table[..., self.n + 1:]
 
+    # ---------------------------------------------------------------- naive path
+    def naive_coefficients(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(A_m [..., n], A_r [..., n, n], B [..., n]) of one sublayer for streams [..., n, d]."""
+        c, dtype = connection, streams.dtype
+        a_m, a_r, b = cast(c.a_m, dtype), cast(c.a_r, dtype), cast(c.b, dtype)
+        if not c.dynamic:
+            return a_m, a_r, b
+        h_bar = F.rms_norm(streams, streams.shape[-1:], cast(c.norm_weight, dtype), c.eps)
+        s_alpha, s_beta = cast(c.s_alpha, dtype), cast(c.s_beta, dtype)
+        a_m = s_alpha * torch.tanh(h_bar @ cast(c.w_m, dtype)) + a_m
+        a_r = s_alpha * torch.tanh(h_bar @ cast(c.w_r, dtype)) + a_r
+        b = s_beta * torch.tanh(h_bar @ cast(c.w_b, dtype)) + b
+        return a_m, a_r, b
+
+    def naive_read(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(h_in = A_m^T H [..., d], mixed streams A_r^T H [..., n, d], B [..., n], and the
+        table A_m | A_r | B [..., n, n+2] for the routing record) for streams [..., n, d]."""
+        a_m, a_r, b = self.naive_coefficients(connection, streams)
+        h_in = (a_m.unsqueeze(-2) @ streams).squeeze(-2)  # sum_j A_m[j] H_j
+        mixed = a_r.mT @ streams  # stream i: sum_j A_r[j, i] H_j
+        table = torch.cat([a_m.unsqueeze(-1), a_r, b.unsqueeze(-1)], -1)
+        return h_in, mixed, b, table
+
+    @staticmethod
+    def naive_write(mixed: Tensor, write: Tensor, out: Tensor) -> Tensor:
+        """Stream i = B_i T(.) + (A_r^T H)_i, for mixed [..., n, d], B [..., n], out [..., d]."""
+        return write.unsqueeze(-1) * out.unsqueeze(-2) + mixed
+
+    def naive_tables(self) -> dict[int, nn.Module]:
+        """What each active sublayer's naive read needs (by site index): its connection."""
+        return {int(key): connection for key, connection in self.connections.items()}
+
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
         autocast = torch.is_autocast_enabled(x0.device.type)
+        if use_naive(self.options.impl):
+            streams = x0.unsqueeze(-2).expand(*x0.shape[:-1], self.n, x0.shape[-1])
+            return StreamState(streams, naive=True, autocast=autocast)
         if is_decode_step(x0):  # [B, 1, d]: the streams as [B, n, d]
             tables = decode_workspace(self, x0, ctx).tables
             return StreamState(x0.expand(-1, self.n, -1), tables=tables, decode=True,
@@ -353,15 +398,20 @@ class HyperConnections(DepthOperator):
 
     def read(self, state, site, norm, ctx):
         streams = state.streams
-        if state.tables is None:
-            state.tables = self.site_tables(compute_dtype(streams.dtype))
+        if state.tables is None:  # (also after a pipeline stage boundary: not sent)
+            state.tables = (self.naive_tables() if state.naive
+                            else self.site_tables(compute_dtype(streams.dtype)))
         tables = state.tables.get(site.index)
         if tables is None:  # inactive: standard residual on every stream
             state.residual, state.write = None, None
             return norm(streams.mean(-2, keepdim=state.decode))
         with stream_math(state, streams):
             work = cast(streams, compute_dtype(streams.dtype))
-            if state.decode:
+            if state.naive:
+                h_in, state.residual, state.write, table = self.naive_read(tables, work)
+                if self._routing is not None:
+                    self._routing.add_mean(site_label(site), table)
+            elif state.decode:
                 h_in, state.residual, state.write = self.decode_read(tables, work)
             else:
                 if self._routing is not None:  # (HyperRead keeps its table inside the node)
@@ -377,6 +427,9 @@ class HyperConnections(DepthOperator):
             if state.residual is None:
                 out = cast(out, dtype)
                 state.streams = state.streams + (out if state.decode else out.unsqueeze(-2))
+            elif state.naive:
+                out = cast(out, state.residual.dtype)
+                state.streams = cast(self.naive_write(state.residual, state.write, out), dtype)
             elif state.decode:  # [B, n, d] + B [B, n, 1] * out [B, 1, d]
                 out = cast(out, state.residual.dtype)
                 state.streams = cast(torch.addcmul(state.residual, state.write, out), dtype)

@@ -49,7 +49,10 @@ every stream.
 
 Implementation: the stream mixing, the decode-step path and the hand-written backward passes of
 hyper.py, with mHC's coefficient table; Sinkhorn-Knopp has its own backward (`SinkhornKnopp`:
-its 2 * t_max normalisations of [..., n, n] matrices cost by their count of ops).
+its 2 * t_max normalisations of [..., n, n] matrices cost by their count of ops). `impl` as in
+hyper.py: "naive" computes the coefficients from the equations above in plain autograd ops
+(`ManifoldConnection.naive_coefficients`, `naive_sinkhorn_knopp`); "auto" (default) is fused in
+eager mode and naive under torch.compile.
 """
 from __future__ import annotations
 
@@ -58,9 +61,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from resstream.depth.base import cast
+from resstream.depth.base import cast, validate_impl
 from resstream.depth.hyper import HyperConnections, NormalizedProjection
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -78,6 +82,16 @@ def sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
     for _ in range(iters):
         matrix = matrix.div_(matrix.sum(-1, keepdim=True))
         matrix = matrix.div_(matrix.sum(-2, keepdim=True))
+    return matrix
+
+
+def naive_sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
+    """`sinkhorn_knopp` in plain autograd ops (the naive path)."""
+    # the max is a constant shift (the result does not depend on it): no gradient through it
+    matrix = torch.exp(logits - logits.detach().amax(dim=(-2, -1), keepdim=True))
+    for _ in range(iters):
+        matrix = matrix / matrix.sum(-1, keepdim=True)
+        matrix = matrix / matrix.sum(-2, keepdim=True)
     return matrix
 
 
@@ -146,6 +160,17 @@ class ManifoldConnection(nn.Module):
         res = sinkhorn_knopp(res.unflatten(-1, (n, n)), self.sinkhorn_iters)
         return torch.sigmoid(pre), res.mT, 2 * torch.sigmoid(post)
 
+    def naive_coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`coefficients` from the module docstring's equations in plain autograd ops."""
+        n, dtype = self.n, streams.dtype
+        flat = streams.flatten(-2)
+        x = F.rms_norm(flat, flat.shape[-1:], eps=self.eps)  # x~
+        pre, post, res = (x @ cast(self.phi, dtype)).split_with_sizes([n, n, n * n], dim=-1)
+        h_pre = torch.sigmoid(cast(self.alpha_pre, dtype) * pre + cast(self.b_pre, dtype))
+        h_post = 2 * torch.sigmoid(cast(self.alpha_post, dtype) * post + cast(self.b_post, dtype))
+        res = cast(self.alpha_res, dtype) * res.unflatten(-1, (n, n)) + cast(self.b_res, dtype)
+        return h_pre, naive_sinkhorn_knopp(res, self.sinkhorn_iters).mT, h_post
+
 
 @register_depth_operator("mhc")
 class ManifoldHyperConnections(HyperConnections):
@@ -160,6 +185,7 @@ class ManifoldHyperConnections(HyperConnections):
         streams: int = 4  # expansion rate n
         sinkhorn_iters: int = 20  # t_max
         init: str = "symmetry_breaking"  # "symmetry_breaking" | "zero" (biases; phi = 0 always)
+        impl: str = "auto"  # "auto" | "fused" | "naive" (hyper.py's module docstring)
 
     @classmethod
     def option_metadata(cls, options):
@@ -171,6 +197,7 @@ class ManifoldHyperConnections(HyperConnections):
         require(options.sinkhorn_iters >= 1, "depth_options.sinkhorn_iters", options.sinkhorn_iters,
                 "an integer >= 1")
         require(options.init in INITS, "depth_options.init", options.init, ", ".join(INITS))
+        validate_impl(options.impl)
 
     def new_connection(self, config, index: int) -> nn.Module:
         return ManifoldConnection(config.d_model, self.n, index, self.options.init,
@@ -187,6 +214,9 @@ class ManifoldHyperConnections(HyperConnections):
 
     def read_streams(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.mix_streams(streams, self.coefficients(connection, streams))
+
+    def naive_coefficients(self, connection, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return connection.naive_coefficients(streams)
 
     routing_names = ("H_pre", "H_res^T", "H_post")  # stream_mixing's A_m, A_r, B blocks
 

@@ -51,11 +51,15 @@ Other choices:
   copies and saved activations grow as O(L), not O(L^2). Training fast path: the DAs are one
   hand-written autograd function each (_Aggregate), chained so that their backward passes add
   into one source-gradient buffer in place (no fresh [B, T, i+1, d] gradient per DA to
-  allocate and sum), and the norms of the Q, K, V streams and of the DA inputs are one fused
-  function each (_RMSNorm: fewer passes, saves only the normalised input). Streams that equal
-  X_i (block 1, inactive blocks) are passed as one tensor, so attention sees an ordinary input.
-  Q, K, V stay one [B, T, 3, d] tensor until attention: the mixer's delta is added once and the
-  three norms run as one (per-stream weights), fewer kernels per block.
+  allocate and sum). Streams that equal X_i (block 1, inactive blocks) are passed as one
+  tensor, so attention sees an ordinary input. Q, K, V stay one [B, T, 3, d] tensor until
+  attention: the mixer's delta is added once and the three norms run as one
+  (torch.nn.functional.rms_norm, then the per-stream weights), fewer kernels per block.
+- `impl`: "fused" is the buffer and _Aggregate above; "naive" keeps the sources in a list and
+  computes each DA as A @ stack(X_0..X_i) in plain autograd ops (`DynamicAggregate.naive`);
+  "auto" (default) is fused in eager mode (CPU: it was written for it; CUDA: to be measured)
+  and naive under torch.compile, where _Aggregate's storage aliasing (`set_`) would break the
+  graph and inductor fuses the stack and matmul itself.
 """
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from resstream.depth.base import DepthOperator, QKVViews, add_to_stream_and_views
+from resstream.depth.base import (DepthOperator, QKVViews, add_to_stream_and_views, use_naive,
+                                  validate_impl)
 from resstream.layers import RMSNorm
 from resstream.options import require
 from resstream.registry import register_depth_operator
@@ -86,44 +91,17 @@ def da_hidden_width(n_sources: int, n_streams: int, last: bool, multiple: int,
     return (width // multiple + 1) * multiple if multiple else width
 
 
-class _RMSNorm(torch.autograd.Function):
-    """weight * x * rsqrt(mean(x^2) + eps) (weight None: scale-free), same arithmetic as
-    RMSNorm for float32/float64 inputs, with a hand-written backward: it saves only the
-    normalised x and the [..., 1] scale (not x itself) and takes ~7 passes over x instead of
-    autograd's ~12 (pow, mean, rsqrt, two muls and their backward, kept apart)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, eps: float):
-        scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        normed = x * scale
-        ctx.save_for_backward(normed, scale, weight)
-        return normed if weight is None else weight * normed
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        normed, scale, weight = ctx.saved_tensors
-        grad_weight = None
-        if weight is not None:
-            product = grad * normed
-            if ctx.needs_input_grad[1]:
-                grad_weight = product.sum_to_size(weight.shape)
-            grad = grad * weight
-            dot = (product * weight).sum(-1, keepdim=True)
-        else:
-            dot = (grad * normed).sum(-1, keepdim=True)
-        # d/dx of x r with r = rsqrt(mean(x^2) + eps): r (g - x_hat mean(g x_hat))
-        grad_x = grad.addcmul(normed, dot, value=-1.0 / normed.shape[-1]).mul_(scale)
-        return grad_x, grad_weight, None
-
-
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    """RMSNorm of x (weight broadcast over x's leading dims): the fused function for float32
-    and float64, the module's arithmetic otherwise (half dtypes normalise in float32)."""
-    if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype):
-        return _RMSNorm.apply(x, weight, eps)
-    x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """weight * x * rsqrt(mean(x^2) + eps) over the last dim, the weight [d] or broadcast over
+    x's leading dims ([3, d]: the Q, K, V norms as one); half dtypes normalise in float32 and
+    round before the weight, as the RMSNorm module does."""
+    shape = x.shape[-1:]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        out = F.rms_norm(x.float(), shape, eps=eps).to(x.dtype)
+    elif weight is not None and weight.shape == shape and weight.dtype == x.dtype:
+        return F.rms_norm(x, shape, weight, eps)
+    else:
+        out = F.rms_norm(x, shape, eps=eps)
     return out if weight is None else weight * out
 
 
@@ -265,12 +243,24 @@ class DynamicAggregate(nn.Module):
         sources.pending = []
         return tuple(streams)
 
+    def naive(self, sources: list[Tensor]) -> tuple[Tensor, ...]:
+        """`forward` in plain autograd ops, from the sources X_0..X_i as a list."""
+        streams = self.weights(sources[-1]) @ torch.stack(sources, 2)  # X^c = sum_j A[c, j] X_j
+        if self.n_streams == 1:
+            return (streams[:, :, 0],)
+        return streams[:, :, :-1], streams[:, :, -1]
+
 
 @dataclass
 class MUDDState:
-    sources: SourceStack  # X_0, ..., X_i
+    sources: SourceStack | list[Tensor]  # X_0, ..., X_i (a list on the naive path)
     views: Tensor | None = None  # X^Q, X^K, X^V [B, T, 3, d]; None when all equal X^R
     stream: Tensor | None = None  # X^R plus this block's sublayer outputs
+    naive: bool = False  # the naive path (`impl`)
+
+    def latest(self) -> Tensor:
+        """The newest source X_i."""
+        return self.sources[-1] if self.naive else self.sources.last
 
 
 @register_depth_operator("mudd")
@@ -289,6 +279,7 @@ class MUDD(DepthOperator):
         separate_norms: bool = True  # sepln: own RMSNorms for the K and V inputs (Q: attention's)
         hidden_multiple: int = 64  # DA hidden width rounding as the code: (K // m + 1) m; 0 = none
         expand_last: bool = True  # last DA hidden width x4 (before rounding)
+        impl: str = "auto"  # "auto" | "fused" | "naive" (module docstring)
 
     @classmethod
     def option_metadata(cls, options):
@@ -298,6 +289,7 @@ class MUDD(DepthOperator):
     def validate_config(cls, config, options) -> None:
         require(options.hidden_multiple >= 0, "depth_options.hidden_multiple",
                 options.hidden_multiple, "an integer >= 0 (0: no rounding)")
+        validate_impl(options.impl)
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)
@@ -316,13 +308,18 @@ class MUDD(DepthOperator):
                 if str(i - 1) in self.das:
                     self.kv_norms[str(i)] = nn.ModuleList(RMSNorm(d, config.norm_eps) for _ in range(2))
         self.last_da = max((int(i) for i in self.das), default=-1)
+        # the same modules by python int block index: a str() of the index in the forward
+        # can break a torch.compile graph (dynamo may make the int symbolic)
+        self.da_after = {int(key): da for key, da in self.das.items()}
+        self.kv_norms_of = {int(key): norms for key, norms in self.kv_norms.items()}
 
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
-        sources = SourceStack(self.n_layers + 1)
+        naive = use_naive(self.options.impl)
+        sources = [] if naive else SourceStack(self.n_layers + 1)
         if self.das:
             sources.append(x0)
-        return MUDDState(sources=sources, stream=x0)
+        return MUDDState(sources=sources, stream=x0, naive=naive)
 
     def read(self, state, site, norm, ctx):
         if site.kind == "attn" and state.views is not None:
@@ -333,9 +330,9 @@ class MUDD(DepthOperator):
     def _normalise_views(self, views: Tensor, norm: nn.Module, layer: int) -> Tensor:
         """Norm of the Q, K, V streams [B, T, 3, d] in one pass: attention's norm for Q and,
         with separate_norms, this block's own K and V norms (same arithmetic as RMSNorm)."""
-        if str(layer) not in self.kv_norms:  # one norm for all three, broadcast over the streams
+        if layer not in self.kv_norms_of:  # one norm for all three, broadcast over the streams
             return rms_norm(views, norm.weight, norm.eps) if type(norm) is RMSNorm else norm(views)
-        k_norm, v_norm = self.kv_norms[str(layer)]
+        k_norm, v_norm = self.kv_norms_of[layer]
         if isinstance(norm, RMSNorm) and norm.weight is not None and norm.eps == k_norm.eps:
             weight = torch.stack([norm.weight, k_norm.weight, v_norm.weight])  # [3, d]
             return rms_norm(views, weight, norm.eps)
@@ -355,13 +352,13 @@ class MUDD(DepthOperator):
 
     def _aggregate(self, state: MUDDState, layer: int) -> None:
         """The DA after block `layer` (if any): the next block's streams from the sources."""
-        aggregate = self.das[str(layer)] if str(layer) in self.das else None
+        aggregate = self.da_after.get(layer)
         if aggregate is None:  # the next block reads the plain residual X_i for every stream
             state.views = None
             return
         if self._routing is not None:
-            self._record_aggregate(aggregate, state.sources, layer)
-        streams = aggregate(state.sources)
+            self._record_aggregate(aggregate, state.latest(), layer)
+        streams = aggregate.naive(state.sources) if state.naive else aggregate(state.sources)
         if aggregate.n_streams == 1:  # the last DA (or no attention): R only
             state.stream, state.views = streams[0], None
             return
@@ -371,14 +368,13 @@ class MUDD(DepthOperator):
         return state.stream
 
     # ---------------------------------------------------------------- routing weights
-    def _record_aggregate(self, aggregate: DynamicAggregate, sources: SourceStack,
-                          layer: int) -> None:
+    def _record_aggregate(self, aggregate: DynamicAggregate, latest: Tensor, layer: int) -> None:
         """The DA's per-token weights A [B, T, C, i+2] (computed again: _Aggregate keeps them
         inside its node), one way per stream: Q, K, V, R (or R alone)."""
         ways = ["Q", "K", "V", "R"] if aggregate.n_streams == STREAMS else ["R"]
         reader = f"L{layer + 1}" if layer + 1 < self.n_layers else "final"
         labels = ["emb"] + [f"L{j}" for j in range(aggregate.n_sources - 1)]
-        self._routing.add_weights(reader, labels, aggregate.weights(sources.last), ways)
+        self._routing.add_weights(reader, labels, aggregate.weights(latest), ways)
 
     def routing_result(self, recorder) -> dict:
         """depth_attention: block l's DA weights over X_0 (emb) and the block outputs, averaged
@@ -400,18 +396,22 @@ class MUDD(DepthOperator):
         sources = state.sources
         if self.last_da < layer:
             return (state.stream,)
+        if state.naive:  # every source is an ordinary tensor of the graph
+            return tuple(sources)
         read = sources.count - len(sources.pending)
         carried = (sources.carrier[:, :, :read],) if read else ()
         return (*carried, *sources.pending)
 
     def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> MUDDState:
-        sources = SourceStack(self.n_layers + 1)
+        naive = use_naive(self.options.impl)
+        sources = [] if naive else SourceStack(self.n_layers + 1)
         if self.last_da < layer:
-            return MUDDState(sources=sources, stream=tensors[0])
+            return MUDDState(sources=sources, stream=tensors[0], naive=naive)
         for tensor in tensors:
             for x in tensor.unbind(2) if tensor.dim() == 4 else (tensor,):
                 sources.append(x)
-        state = MUDDState(sources=sources, stream=sources.last)
+        state = MUDDState(sources=sources, naive=naive)
+        state.stream = state.latest()
         self._aggregate(state, layer)
         return state
 
