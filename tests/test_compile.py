@@ -24,7 +24,6 @@ COMBINATIONS = [(op, mixer) for op in list_depth_operators() for mixer in MIXERS
 KNOWN_BREAKS = {
     "delta_attnres": "its reads run the fused AttnRes phase schedule (DepthSources, hand-written "
                      "backward passes) and it has no plain path yet",
-    "mudd": "the fused _Aggregate aliases storage (set_, storage_offset)",
 }
 
 

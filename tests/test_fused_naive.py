@@ -29,8 +29,6 @@ KNOWN_EXCEPTIONS = {
     # its naive path is the `reference` attention backend, tested against `chunked` in
     # test_local_attention.py
     "ops/local_attention.py",
-    # being changed on another branch (issue 13); to gain `impl` and leave this list
-    "depth/attnres.py",
 }
 
 
@@ -49,6 +47,7 @@ VARIANTS: dict[str, list[tuple[dict, dict]]] = {
             ({"value_dim": 2, "compressor": "tc", "expander": "ec"}, {}),
             ({"beta_gate": "mlp", "value": "code", "compressor_init": "code"},
              {"depth_layers": [1]})],
+    "block_attnres": [({"block_size": 3}, {"depth_layers": [1, 2]}), ({"n_blocks": 2}, {})],
     "mudd": [({"separate_norms": False, "hidden_multiple": 0, "expand_last": False}, {}),
              ({}, {"depth_layers": [0, 2]})],
 }

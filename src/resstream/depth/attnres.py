@@ -98,7 +98,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from resstream.depth.base import (DecodeWorkspace, DepthOperator, compute_dtype,
-                                  decode_workspace, is_decode_step)
+                                  decode_workspace, is_decode_step, use_naive, validate_impl)
 from resstream.options import require
 from resstream.registry import register_depth_operator
 from resstream.routing import depth_attention_result, site_label
@@ -106,7 +106,6 @@ from resstream.routing import depth_attention_result, site_label
 CHUNK = 4  # the minimum number of reads per phase
 QUERIES = ("static", "input")
 WEIGHTINGS = ("softmax", "sigmoid")
-IMPLS = ("auto", "fused", "naive")
 
 
 @dataclass
@@ -117,9 +116,7 @@ class AblationOptions:
     heads: int = 1  # > 1: per-head depth mixing, the d channels split into `heads` groups
     key_norm: bool = True  # False: logits w^T v_i, without RMSNorm on the keys
     # "fused": the phase schedule with hand-written backward passes (eager CPU speed);
-    # "naive": the plain-autograd path, the equations as written; "auto": fused in eager mode,
-    # naive under torch.compile (the fused path's bookkeeping breaks dynamo's graph, and the
-    # compiler fuses the plain ops itself)
+    # "naive": the plain-autograd path, the equations as written; "auto": base.use_naive
     impl: str = "auto"
 
 
@@ -129,7 +126,7 @@ def validate_ablations(config, options) -> None:
             ", ".join(WEIGHTINGS))
     require(options.heads >= 1 and config.d_model % options.heads == 0, "depth_options.heads",
             options.heads, f"a divisor of d_model={config.d_model} (1: one weight per source)")
-    require(options.impl in IMPLS, "depth_options.impl", options.impl, ", ".join(IMPLS))
+    validate_impl(options.impl)
 
 
 def is_ablation(options) -> bool:
@@ -609,7 +606,7 @@ class BlockAttnResBase(PseudoQueryReads):
                 self.key_norm = nn.ParameterDict()
 
     def init_state(self, x0, ctx):
-        if self.plain or (self.options.impl == "auto" and torch.compiler.is_compiling()):
+        if self.plain or use_naive(self.options.impl):
             return PlainState([], x0)
         if is_decode_step(x0):
             return decode_workspace(self, x0, ctx).begin(x0, keep_total=self.n_inactive > 0)
