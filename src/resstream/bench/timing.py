@@ -7,17 +7,22 @@ import statistics
 from typing import Callable
 
 import torch
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark.utils.timer import timer as clock
 
 from resstream.errors import UserError
 
 
 def seconds_per_call(fn: Callable[[], object], number: int = 1) -> float:
-    """Mean wall seconds per call of `fn` over `number` back-to-back calls, timed by
-    torch.utils.benchmark.Timer (which synchronises CUDA before reading its clock, so queued
-    GPU work is counted). One measurement: the benchmarks interleave their variants
-    themselves, so that a slow phase of a shared machine hits every variant alike."""
-    return Timer(stmt="fn()", globals={"fn": fn}).timeit(number).mean
+    """Mean wall seconds per call of `fn` over `number` back-to-back calls, read from the clock
+    of torch.utils.benchmark (which synchronises the accelerator before reading the time, so
+    queued GPU work is counted). One measurement, no warm-up calls of its own (Timer.timeit
+    would add two, which hides a compile in the first call): the benchmarks warm up and
+    interleave their variants themselves, so that a slow phase of a shared machine hits every
+    variant alike."""
+    start = clock()
+    for _ in range(number):
+        fn()
+    return (clock() - start) / number
 
 
 def paired_ratios(times: list[float], reference: list[float]) -> list[float]:
