@@ -21,10 +21,7 @@ from resstream.testing import perturb_parameters, tiny_config
 MIXERS = [None] + list_local_mixers()
 COMBINATIONS = [(op, mixer) for op in list_depth_operators() for mixer in MIXERS]
 # operator -> why it still breaks dynamo's graph (training and decode)
-KNOWN_BREAKS = {
-    "delta_attnres": "its reads run the fused AttnRes phase schedule (DepthSources, hand-written "
-                     "backward passes) and it has no plain path yet",
-}
+KNOWN_BREAKS: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True)

@@ -60,8 +60,11 @@ an option):
   `query_init="normal"`, whose random queries do not weight the sources uniformly).
 Left out: the code's optional null source, sigmoid gates, V-stream decoupling and entropy bonus.
 
-Implementation: the depth sources, pseudo-queries and the two-phase softmax read are shared with
-attnres.py (PseudoQueryReads); x is the running plain sum of all sublayer outputs.
+Implementation (`impl`): "fused" shares the depth sources, pseudo-queries and the two-phase
+softmax read with attnres.py (PseudoQueryReads, hand-written backward passes); "naive" is the
+equations with plain autograd ops (`PlainDeltaState`: a list of sources, the running block sum
+and x; each read stacks its sources); "auto" (default) is fused in eager mode and naive under
+torch.compile (resstream.depth.base.use_naive). x is the running plain sum of all outputs.
 
 depth_layers: an inactive block's sublayers read x (standard addition) and still produce deltas;
 the final read runs iff `final_read` and the last block is active.
@@ -72,15 +75,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from resstream.depth.attnres import AttnResState, PseudoQueryReads
+from resstream.depth.base import compute_dtype, use_naive, validate_impl
 from resstream.options import require
+from resstream.routing import site_label
 from resstream.registry import register_depth_operator
 
 GRANULARITIES = ("sublayer", "block")
 QUERY_INITS = ("zero", "normal")
 GATES = ("none", "alpha")
 BLOCK_APPENDS = ("before_read", "after_read")
+
+
+@dataclass
+class PlainDeltaState:
+    """The naive path's state: the sources (embedding, finished deltas), the running sum of the
+    current block's outputs (None right after a block closed) and x, the cumulative residual."""
+    sources: list
+    partial: Tensor | None
+    total: Tensor
 
 
 @register_depth_operator("delta_attnres")
@@ -98,6 +113,7 @@ class DeltaAttnRes(PseudoQueryReads):
         gate: str = "none"  # "none" (paper) | "alpha" (learnable scalar per read, init 0)
         final_read: bool = True  # True (ours) | False (code: the final norm sees x)
         block_append: str = "before_read"  # "before_read" (ours) | "after_read" (code)
+        impl: str = "auto"  # "fused" | "naive" | "auto" (module docstring)
 
     @classmethod
     def validate_config(cls, config, options) -> None:
@@ -113,6 +129,7 @@ class DeltaAttnRes(PseudoQueryReads):
         require(options.block_append == "before_read" or options.granularity == "block",
                 "depth_options.block_append", options.block_append,
                 'before_read (after_read needs granularity="block")')
+        validate_impl(options.impl)
 
     @classmethod
     def option_metadata(cls, options):
@@ -151,6 +168,8 @@ class DeltaAttnRes(PseudoQueryReads):
         return index // self.block_size + 1
 
     def init_state(self, x0, ctx):
+        if use_naive(self.options.impl):
+            return PlainDeltaState([], x0, x0)  # the embedding is the first block to close
         return self._new_state(x0, keep_total=True)  # total = the cumulative residual x
 
     def _next_site(self, state: AttnResState, index: int) -> None:
@@ -174,6 +193,8 @@ class DeltaAttnRes(PseudoQueryReads):
         return state.total + self.gate[key].to(mixture.dtype) * mixture
 
     def read(self, state, site, norm, ctx):
+        if isinstance(state, PlainDeltaState):
+            return norm(self._plain_read(state, site.index, self.is_active(site.layer)))
         self._next_site(state, site.index)
         h = self._read(state, str(site.index), self.is_active(site.layer))
         if self.appends_after_read and site.index % self.block_size == 0:
@@ -182,12 +203,73 @@ class DeltaAttnRes(PseudoQueryReads):
                 self._start_phase(state.sources, 0)
         return norm(h)
 
+    def write(self, state, site, out, ctx):
+        if not isinstance(state, PlainDeltaState):
+            return super().write(state, site, out, ctx)
+        state.partial = out if state.partial is None else state.partial + out
+        state.total = state.total + out
+        return state
+
     def finalize(self, state, ctx):
+        if isinstance(state, PlainDeltaState):
+            return self._plain_read(state, len(self.sites), self.final_active)
         if state.partial is not None:  # the end of the model closes the last block
             self._append(state.sources, state.partial)
             state.partial = None
         self._next_site(state, len(self.sites))
         return self._read(state, "final", self.final_active)
+
+    # ---------------------------------------------------------------- naive path
+    def _plain_read(self, state: PlainDeltaState, index: int, active: bool) -> Tensor:
+        """x + gate * sum_i softmax_i(w^T RMSNorm_g(delta_i)) delta_i before sublayer `index`
+        (len(sites): the final read), with the block bookkeeping of the module docstring."""
+        final = index == len(self.sites)
+        closes = final or index % self.block_size == 0  # a block boundary (the end closes one)
+        if closes and not self.appends_after_read:
+            self._plain_close(state)
+        key = "final" if final else str(index)
+        if not active or (index == 0 and self.appends_after_read):
+            h = state.total
+        elif key not in self.column:  # the embedding is the only source (weight 1)
+            h = state.total if self.gate is not None else state.total + state.sources[0]
+        else:
+            mixture = self._plain_mix(key, state.sources)
+            gate = self.gate[key].to(mixture.dtype) if self.gate is not None else 1.0
+            h = state.total + gate * mixture
+        if closes and self.appends_after_read:
+            self._plain_close(state)
+        return h
+
+    @staticmethod
+    def _plain_close(state: PlainDeltaState) -> None:
+        if state.partial is not None:
+            state.sources.append(state.partial)
+            state.partial = None
+
+    def _plain_mix(self, key: str, sources: list[Tensor]) -> Tensor:
+        dtype = compute_dtype(sources[0].dtype)
+        with torch.autocast(sources[0].device.type, enabled=False):
+            v = torch.stack(sources, -2).to(dtype)  # [B, T, m, d]
+            keys = v * torch.rsqrt(v.square().mean(-1, keepdim=True) + self.eps)
+            logits = keys @ (self.query[key] * self.key_norm[key]).to(dtype)  # [B, T, m]
+            weights = logits.softmax(-1)
+            if self._routing is not None:
+                reader = "final" if key == "final" else site_label(self.sites[int(key)])
+                labels = [self._source_label(i) for i in range(len(sources))]
+                self._routing.add_weights(reader, labels, weights)
+            mixture = (weights.unsqueeze(-1) * v).sum(-2)
+        return mixture.to(sources[0].dtype)
+
+    def stage_state(self, state, layer: int) -> tuple[Tensor, ...]:
+        if isinstance(state, PlainDeltaState):  # after a write the block sum is never None
+            return (*state.sources, state.partial)
+        return super().stage_state(state, layer)
+
+    def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int):
+        if self.options.impl != "naive":
+            return super().from_stage_state(tensors, layer)
+        *sources, partial = tensors
+        return PlainDeltaState(list(sources), partial, sum(sources, partial))
 
     # ---------------------------------------------------------------- accounting
     def depth_state_vectors(self) -> int:
