@@ -91,3 +91,17 @@ def test_median_interval_holds_the_median_and_narrows_with_more_repeats():
     assert low_many <= 1.05 <= high_many
     assert high_many - low_many < (high_few - low_few) / 2
     assert median_interval(few) == median_interval(few)  # seeded: the same table twice
+
+
+def test_bench_decode_quick_compile(capsys):
+    """--compile: eager and compiled one-token steps side by side at the goals' context, and the
+    compiled baseline goal in the goal table."""
+    assert main(["bench", "decode", "--quick", "--compile", "--configs", "baseline",
+                 "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    compiled = result["compiled"]
+    assert compiled["context"] == 16
+    (row,) = compiled["rows"]
+    assert row["config"] == "baseline" and row["compiled_ms"] > 0 and row["compile_s"] > 0
+    assert row["speedup"] == row["eager_ms"] / row["compiled_ms"]
+    assert any(g["goal"].startswith("compiled baseline decode") for g in result["goals"])

@@ -94,3 +94,35 @@ def test_cached_decode_step_is_one_graph(operator, mixer):
 def test_inductor_training_step_equals_eager(operator):
     """Inductor's generated code (C++ on CPU): logits and gradients to float32 rounding."""
     _assert_compiled_equals_eager(_model(operator, "shortswa"), "inductor", 1e-4)
+
+
+@pytest.mark.parametrize("operator, mixer", DECODE)
+@torch.no_grad()
+def test_compiled_decode_compiles_once_for_every_token(operator, mixer):
+    """resstream.compiled_decode: ten decode steps after a prefill, then a second sequence in
+    a fresh cache of the same (batch, max_len), are one compilation; each step equals eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    from resstream.compiled_decode import compiled_decode_step
+
+    model = _model(operator, mixer).eval()
+    counter = CompileCounter()
+    step = compiled_decode_step(model, backend=counter)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    for max_len in (24, 24):
+        compiled_cache, eager_cache = model.new_cache(2, max_len), model.new_cache(2, max_len)
+        model(ids[:, :5], cache=compiled_cache)
+        model(ids[:, :5], cache=eager_cache)
+        for t in range(5, 15):
+            torch.testing.assert_close(step(ids[:, t:t + 1], cache=compiled_cache),
+                                       model(ids[:, t:t + 1], cache=eager_cache),
+                                       atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+def test_generate_with_compiled_decode_equals_eager():
+    model = _model("standard", "shortswa").eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6))
+    eager = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(model.generate(prompt, 8, temperature=0, compile=True), eager)

@@ -137,11 +137,13 @@ def test_naive_pipeline_stages_give_the_unsplit_gradients(name):
 
 
 @pytest.mark.parametrize("name", OPERATORS)
-def test_auto_is_naive_only_under_compile(name, monkeypatch):
-    assert DEPTH_OPERATORS.get(name).Options().impl == "auto"
-    assert not use_naive("auto") and not use_naive("fused") and use_naive("naive")
+def test_auto_is_naive_only_under_compile_and_only_where_declared(name, monkeypatch):
+    cls = DEPTH_OPERATORS.get(name)
+    assert cls.Options().impl == "auto"
+    when = cls.naive_when_compiling
+    assert not use_naive("auto", when) and not use_naive("fused", when) and use_naive("naive", when)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert use_naive("auto") and not use_naive("fused")
+    assert use_naive("auto", when) == when and not use_naive("fused", when)
 
 
 @pytest.mark.parametrize("name", OPERATORS)

@@ -184,7 +184,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, *,
              stop=None, use_cache: bool = True, prefill_chunk: int | None = None,
              on_token: Callable[[int, int], None] | None = None, crop_context: bool = False,
-             pad_token_id: int = 0, return_dict: bool = False) -> Tensor | Generation:
+             pad_token_id: int = 0, return_dict: bool = False,
+             compile: bool = False) -> Tensor | Generation:
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Returns a LongTensor [B, T] on the model's device: each row is its prompt + new tokens (a
@@ -204,6 +205,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
     nanoGPT's sampler does: when the context is full it continues from its last
     max_seq_len // 2 tokens (re-read into a fresh cache; without the cache, the last
     max_seq_len tokens at every step). Models that can slide never need it.
+    compile=True runs the one-token decode steps through torch.compile, compiled once per model
+    (resstream.compiled_decode); the prompt is read eagerly.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p, prefill_chunk, pad_token_id)
     stops = _stop_sequences(stop)
@@ -216,8 +219,14 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 1.0,
     result = Generation(prompts, [[] for _ in rows], [False] * len(rows), device)
     if max_new_tokens > 0:
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        step = model
+        if compile and use_cache:
+            from resstream.compiled_decode import compiled_decode_step
+
+            step = compiled_decode_step(model)
         _run(model, rows, lengths, max_new_tokens, result, stops, use_cache, prefill_chunk,
-             on_token, lambda logits: sample_next(logits, temperature, top_k, top_p, generator))
+             on_token, lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
+             step)
     return result if return_dict else result.tensor(pad_token_id)
 
 
@@ -233,7 +242,7 @@ def _run(model, *loop_args) -> None:
 
 
 def _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache, prefill_chunk,
-                 on_token, sample) -> None:
+                 on_token, sample, step) -> None:
     batch, shortest = len(rows), min(lengths)
     total = max(lengths) + max_new_tokens
     device = rows[0].device
@@ -263,18 +272,19 @@ def _decode_loop(model, rows, lengths, max_new_tokens, result, stops, use_cache,
                 active[i] = False
         if not any(active):
             return
-        logits, cache = _next_logits(model, tokens[:, :position + 1], cache)
+        logits, cache = _next_logits(model, tokens[:, :position + 1], cache, step)
 
 
-def _next_logits(model, seen: Tensor, cache):
-    """(logits, cache) after the tokens `seen` [B, t], whose last one is new. A model that
-    cannot slide and has a full context (only reached with crop_context) continues from its last
-    max_seq_len // 2 tokens in a fresh cache, or (no cache) from its last max_seq_len tokens."""
+def _next_logits(model, seen: Tensor, cache, step):
+    """(logits, cache) after the tokens `seen` [B, t], whose last one is new (`step`: the model,
+    or its compiled one-token step). A model that cannot slide and has a full context (only
+    reached with crop_context) continues from its last max_seq_len // 2 tokens in a fresh cache,
+    or (no cache) from its last max_seq_len tokens."""
     limit = model.config.max_seq_len
     if cache is None:
         return model(seen if model.can_slide else seen[:, -limit:]), None
     if cache.length < cache.max_len:
-        return model(seen[:, -1:], cache=cache), cache
+        return step(seen[:, -1:], cache=cache), cache
     cache = model.new_cache(cache.batch_size, cache.max_len)
     return model(seen[:, -max(1, limit // 2):], cache=cache), cache
 
@@ -326,6 +336,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute the full forward at every step (slow; for checking)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the one-token decode step (compiled once; worth it "
+                             "for long generations)")
     parser.set_defaults(func=_run_cli)
 
 
@@ -357,7 +370,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     out.flush()
     model.generate(prompt, smoke_cap(args.max_new_tokens, 8, "--max-new-tokens"),
                    args.temperature, args.top_k or None, args.top_p, args.seed, stop=args.stop,
-                   use_cache=not args.no_cache, on_token=stream, crop_context=True)
+                   use_cache=not args.no_cache, on_token=stream, crop_context=True,
+                   compile=args.compile)
     finish()
     return 0
 

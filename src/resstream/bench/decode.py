@@ -214,7 +214,7 @@ def time_steps(model, token: torch.Tensor, cache, context: int, steps: int, warm
 
 @torch.no_grad()
 def run_benchmark(base: ModelConfig, names: list[str], contexts: list[int], batch: int,
-                  repeats: int, steps: int, device, dtype) -> dict:
+                  repeats: int, steps: int, device, dtype, compile: bool = False) -> dict:
     variants = build_variants(base, names, device, dtype)
     ready = [v for v in variants if v.error is None]
     token = torch.randint(0, base.vocab_size, (batch, 1), device=device)
@@ -237,8 +237,45 @@ def run_benchmark(base: ModelConfig, names: list[str], contexts: list[int], batc
     result = summarize(variants, base, contexts, batch, repeats, steps, device, dtype, recompute)
     result["growth"] = [measure_growth(v, goal_contexts(contexts), batch, repeats, steps, token)
                         for v in ready if v.name in GROWTH_CONFIGS and len(contexts) > 1]
+    if compile:
+        result["compiled"] = measure_compiled(ready, goal_contexts(contexts)[0], batch, repeats,
+                                              steps, token)
     result["goals"] = check_goals(result, contexts)
     return result
+
+
+COMPILED_BASELINE_GOAL = 1.5  # compiled baseline decode at least this much faster than eager
+
+
+def measure_compiled(ready: list[Variant], context: int, batch: int, repeats: int, steps: int,
+                     token: torch.Tensor) -> dict:
+    """--compile: every configuration's one-token step compiled (resstream.compiled_decode,
+    once per cache size, so at one context: the goals' context), timed interleaved with its
+    eager step. Per configuration: eager and compiled ms/token (minima), eager/compiled, and
+    the compiled step's paired ratio to the compiled baseline."""
+    from resstream.compiled_decode import compiled_decode_step
+
+    eager, compiled, compile_s = {}, {}, {}
+    caches = {v.name: filled_cache(v.model, batch, context) for v in ready}
+    for v in ready:
+        step = compiled_decode_step(v.model)
+        compile_s[v.name] = seconds_per_call(lambda: time_steps(step, token, caches[v.name],
+                                                                context, 1, warm=0))
+        eager[v.name], compiled[v.name] = [], []
+    for r in range(repeats):
+        shift = r % len(ready)
+        for v in ready[shift:] + ready[:shift]:
+            cache = caches[v.name]
+            eager[v.name].append(time_steps(v.model, token, cache, context, steps))
+            compiled[v.name].append(time_steps(compiled_decode_step(v.model), token, cache,
+                                               context, steps))
+    reference = compiled.get("baseline")
+    rows = [{"config": v.name, "eager_ms": 1000 * min(eager[v.name]),
+             "compiled_ms": 1000 * min(compiled[v.name]),
+             "speedup": min(eager[v.name]) / min(compiled[v.name]),
+             "compile_s": compile_s[v.name],
+             **paired_columns(compiled[v.name], reference)} for v in ready]
+    return {"context": context, "rows": rows}
 
 
 def goal_contexts(contexts: list[int]) -> tuple[int, int]:
@@ -351,6 +388,27 @@ def check_goals(result: dict, contexts: list[int]) -> list[dict]:
                       "value": f"{ratio:.3f}x (95% CI {low:.3f}-{high:.3f}; ratio of minima "
                                f"{row['latency_ratio']:.3f}x)",
                       "met": ratio <= limit})
+    return goals + compiled_goals(result.get("compiled"))
+
+
+def compiled_goals(compiled: dict | None) -> list[dict]:
+    if not compiled:
+        return []
+    rows = {r["config"]: r for r in compiled["rows"]}
+    goals, context = [], compiled["context"]
+    if "baseline" in rows:
+        speedup = rows["baseline"]["speedup"]
+        goals.append({"goal": f"compiled baseline decode >= {COMPILED_BASELINE_GOAL}x faster than "
+                              f"eager at {context}",
+                      "value": f"{speedup:.2f}x", "met": speedup >= COMPILED_BASELINE_GOAL})
+    for name in ("depth_swa", "block_attnres", "attnres", "ddl", "hyper"):
+        row = rows.get(name)
+        if row is None or row["paired_ratio"] is None:
+            continue
+        limit = DEPTH_GOALS.get(name, DEFAULT_DEPTH_GOAL)
+        goals.append({"goal": f"{name} compiled decode at {context} <= {limit:.2f}x compiled "
+                              "baseline (paired)",
+                      "value": f"{row['paired_ratio']:.3f}x", "met": row["paired_ratio"] <= limit})
     return goals
 
 
@@ -394,6 +452,16 @@ def to_markdown(result: dict) -> str:
         lines.append(f"growth: {g['config']} per-token latency at {g['to']} over {g['from']} "
                      f"(the two contexts interleaved, paired): {g['ratio']:.3f}x "
                      f"(95% CI {low:.3f}-{high:.3f})")
+    compiled = result.get("compiled")
+    if compiled:
+        lines += ["", f"Compiled decode (torch.compile of the one-token step, "
+                      f"resstream.compiled_decode) at context {compiled['context']}; ratios of "
+                      "minima, and paired against the compiled baseline:", "",
+                  format_table(["config", "eager ms/token", "compiled ms/token", "eager/compiled",
+                                "x compiled baseline (paired, 95% CI)", "compile s"],
+                               [[r["config"], f"{r['eager_ms']:.2f}", f"{r['compiled_ms']:.2f}",
+                                 f"{r['speedup']:.2f}x", _with_interval(r),
+                                 f"{r['compile_s']:.1f}"] for r in compiled["rows"]])]
     if result["goals"]:
         lines += ["", format_table(["goal", "measured", "met"],
                                    [[g["goal"], g["value"], "yes" if g["met"] else "NO"]
@@ -438,7 +506,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     require_dtype_runs(dtype, device, "--dtype")
     base = ModelConfig(vocab_size=256, **shape)
-    result = run_benchmark(base, names, contexts, args.batch_size, repeats, steps, device, dtype)
+    result = run_benchmark(base, names, contexts, args.batch_size, repeats, steps, device, dtype,
+                           args.compile)
     print_result(result, args.format, to_markdown)
     return 0
 
@@ -464,5 +533,8 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--format", choices=("markdown", "json"), default="markdown")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every configuration's compiled one-token step at the "
+                             "goals' context (1024, else the shortest), eager beside compiled")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny shapes, 2 contexts")
     parser.set_defaults(func=run)

@@ -86,15 +86,19 @@ def validate_impl(impl: str) -> None:
     require(impl in IMPLS, "depth_options.impl", impl, ", ".join(IMPLS))
 
 
-def use_naive(impl: str) -> bool:
-    """Whether a forward takes the naive path: impl "naive", or "auto" under torch.compile.
+def use_naive(impl: str, when_compiling: bool = True) -> bool:
+    """Whether a forward takes the naive path: impl "naive", or "auto" under torch.compile for
+    an operator whose naive path compiles faster (`DepthOperator.naive_when_compiling`).
 
     The fused paths are hand-written autograd nodes (and buffer tricks) that make CPU eager
-    training fast; under torch.compile they hide the arithmetic from inductor, which fuses the
-    naive path's plain ops itself (and some of them break the graph). "auto" keeps fused in
-    eager mode on every device: whether naive is faster in CUDA eager is to be measured, e.g.
-    `resstream bench operators --device cuda --option hyper.impl=naive`."""
-    return impl == "naive" or (impl == "auto" and torch.compiler.is_compiling())
+    training fast. Under torch.compile some of them break the graph (AttnRes's phase schedule,
+    MUDD's storage aliasing): there inductor gets the naive path's plain ops and fuses them
+    itself. Others trace as one graph and stay faster compiled (measured on CPU, 1 thread:
+    compiled naive / compiled fused = 1.17x for hyper, 1.31x for mhc, 0.99x for ddl), so their
+    "auto" stays fused. "auto" keeps fused in eager mode on every device (CUDA eager, measured
+    on an H200: fused faster for hyper, mhc, ddl; docs/benchmarks.md)."""
+    return impl == "naive" or (impl == "auto" and when_compiling
+                               and torch.compiler.is_compiling())
 
 
 def is_decode_step(x: Tensor) -> bool:
@@ -245,6 +249,8 @@ class DepthOperator(nn.Module):
     uses_depth_window: ClassVar[bool] = False
     cross_token_state: ClassVar[bool] = False
     granularity: ClassVar[str] = "sublayer"  # "sublayer" | "block"
+    # with impl="auto": whether torch.compile gets the naive path (see `use_naive`)
+    naive_when_compiling: ClassVar[bool] = True
     # every read passes the stream through the sublayer's norm (False only where the paper
     # reads without one, said in the module docstring)
     reads_through_norm: ClassVar[bool] = True

@@ -58,8 +58,9 @@ only), and the default gate and value heads share another (`LinearHeads`). Witho
 
 `impl`: "fused" is that fast path; "naive" runs the equations above in plain autograd ops for
 every d_v (`delta_update` on X [..., d, 1] for d_v = 1, the heads as ordinary linear layers);
-"auto" (default) is fused in eager mode (CPU: the nodes were written for it; CUDA: to be
-measured) and naive under torch.compile, where inductor fuses the plain ops itself.
+"auto" (default) is fused, in eager mode and under torch.compile alike: the fused nodes trace
+as one graph, compiled naive and fused measured equal (CPU, 1 thread), and fused was faster in
+CUDA eager on an H200 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -290,6 +291,8 @@ class DDLState:
 
 @register_depth_operator("ddl")
 class DeepDeltaLearning(DepthOperator):
+    # the fused nodes trace as one graph; compiled, naive and fused measured equal (base.use_naive)
+    naive_when_compiling = False
     aggregates = "rank-1 delta-rule rewrite of the current state along the sublayer output"
     mixing = "dynamic"
     paper = "Zhang, Liu, Wang, Gu, Deep Delta Learning (arXiv 2601.00417)"
@@ -365,7 +368,7 @@ class DeepDeltaLearning(DepthOperator):
             X = x0
         else:
             X = x0[..., None].expand(*x0.shape, self.value_dim).contiguous()
-        if use_naive(self.options.impl):
+        if use_naive(self.options.impl, self.naive_when_compiling):
             return DDLState(X, naive=True)
         return DDLState(X, plain_heads=self.plain_heads(x0))
 

@@ -51,8 +51,8 @@ Implementation: the stream mixing, the decode-step path and the hand-written bac
 hyper.py, with mHC's coefficient table; Sinkhorn-Knopp has its own backward (`SinkhornKnopp`:
 its 2 * t_max normalisations of [..., n, n] matrices cost by their count of ops). `impl` as in
 hyper.py: "naive" computes the coefficients from the equations above in plain autograd ops
-(`ManifoldConnection.naive_coefficients`, `naive_sinkhorn_knopp`); "auto" (default) is fused in
-eager mode and naive under torch.compile.
+(`ManifoldConnection.naive_coefficients`, `naive_sinkhorn_knopp`); "auto" (default) is fused,
+eager and compiled, as for hyper.
 """
 from __future__ import annotations
 
