@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = ("attention", "operators", "decode", "pipeline")
+BENCHMARKS = ("attention", "operators", "decode", "pipeline", "train")
 
 
 def register(subparsers) -> None:
