@@ -44,6 +44,9 @@ METADATA_VARIANTS = [
     ("rezero-paper", "rezero", {"norm": False}),
     ("hyper-static", "hyper", {"dynamic": False}),
     ("mudd-one-norm", "mudd", {"separate_norms": False}),
+    ("mudd-single-way", "mudd", {"multiway": False}),
+    ("mudd-static", "mudd", {"dynamic": False}),
+    ("dca-separate-norms", "dca", {"separate_norms": True}),
 ]
 OPERATORS = PARITY_OPERATORS + [case for case in METADATA_VARIANTS if case[1] in list_depth_operators()]
 IDS = [case[0] for case in OPERATORS]

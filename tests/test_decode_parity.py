@@ -41,6 +41,13 @@ DEPTH_VARIANTS = {
     # an extra norm on the embedding; the raw embedding into the first sublayer
     "peri_ln": [("peri-ln-embedding-norm", {"embedding_norm": True})],
     "deepnorm": [("deepnorm-raw-embedding", {"embedding_norm": False, "init": "scale"})],
+    # the JAX training config's pre/post norms; the single-way static dense ablation
+    "mudd": [("mudd-prepost", {"form": "prepost"}),
+             ("mudd-single-way-static", {"multiway": False, "dynamic": False})],
+    # k-DCA's three stacks; the port's separate K and V norms
+    "dca": [("dca-k", {"k": 1}), ("dca-k-folded", {"k": 1, "k_stack": "folded"}),
+            ("dca-first-last-separate-norms", {"k": 1, "k_stack": "first_last",
+                                               "separate_norms": True})],
 }
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()

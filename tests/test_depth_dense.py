@@ -186,22 +186,33 @@ def grn_reference(entries, version, b, w, gate_scale_free):
     return out
 
 
+def dca_entries(x0, deltas, t, k, layout):
+    """The stack G_t before block t from x_0 and the deltas f_1..f_t (k None: [x_0, f_1..f_t]):
+    middle_sum [x_0, sum_{i <= t-k} f_i, f_{t-k+1}..f_t] (the middle sum once t > k);
+    folded [x_0 + sum_{i <= t-k} f_i, f_{t-k+1}..f_t]; first_last: the first k and the last k
+    entries of [x_0, f_1..f_t], the middle dropped."""
+    full = [x0] + deltas[:t]
+    if k is None or t <= k:
+        return full
+    if layout == "middle_sum":
+        return [x0, sum(deltas[:t - k])] + deltas[t - k:t]
+    if layout == "folded":
+        return [x0 + sum(deltas[:t - k])] + deltas[t - k:t]
+    return full if len(full) < 2 * k else full[:k] + full[-k:]
+
+
 def dca_reference(model, ids):
     opts = model.config.depth_options
     mode, k = opts.get("grn", "dca"), opts.get("k")
+    layout = opts.get("k_stack", "middle_sum")
     version = "v3" if mode == "dca" else mode
-
-    def entries_before(x0, deltas, t):
-        """[x_0 + sum_{i <= t-k} f_i, f_{t-k+1}, ..., f_t] (k None: [x_0, f_1..f_t])."""
-        split = 0 if k is None else max(0, t - k)
-        return [x0 + sum(deltas[:split], torch.zeros_like(x0))] + deltas[split:t]
 
     def forward(ref, emb):
         gsf = ref.scale_free if opts.get("gate_norm", False) else None
         deltas = []
         three = mode == "dca" and "attn" in ref.kinds
         for t in range(ref.config.n_layers):
-            G = entries_before(emb, deltas, t)
+            G = dca_entries(emb, deltas, t, k, layout)
             if t in ref.active:
                 b, w = ref.p(f"grns.{t}.b"), (ref.p(f"grns.{t}.w") if version == "v3" else None)
                 streams = [grn_reference(G, version, b[c], None if w is None else w[c], gsf)
@@ -213,7 +224,12 @@ def dca_reference(model, ids):
             stream = skip
             for kind in ref.kinds:
                 if kind == "attn" and views is not None:
-                    normed = [ref.normed(v, t, "attn") for v in views]
+                    normed = [ref.normed(views[0], t, "attn")]
+                    if ref.has(f"kv_norms.{t}.0.weight"):  # separate_norms: own K and V norms
+                        normed += [rmsnorm(views[c], ref.p(f"kv_norms.{t}.{c - 1}.weight"), ref.eps)
+                                   for c in (1, 2)]
+                    else:
+                        normed += [ref.normed(v, t, "attn") for v in views[1:]]
                     out = ref.attention(t, *normed)
                 else:
                     out = ref.run(kind, t, stream)
@@ -221,7 +237,7 @@ def dca_reference(model, ids):
                     views = [v + out for v in views]
                 stream = stream + out
             deltas.append(stream - skip)
-        G = entries_before(emb, deltas, ref.config.n_layers)
+        G = dca_entries(emb, deltas, ref.config.n_layers, k, layout)
         if ref.config.n_layers - 1 not in ref.active:
             return sum(G)
         b, w = ref.p("final_grn.b"), (ref.p("final_grn.w") if version == "v3" else None)
@@ -231,6 +247,10 @@ def dca_reference(model, ids):
 
 
 def mudd_reference(model, ids):
+    """X^c = sum_j A[c, j] X_j with A = GELU(RMSNorm(X_i) W_1) W_2 + a (static: a alone);
+    "prepost": sources PreNorm_j(X_j), X^{Q,K,V} = X_i + DA, X^R = X_i + PostNorm_i(DA_R)."""
+    prepost = model.config.depth_options.get("form", "paper") == "prepost"
+
     def forward(ref, emb):
         L = ref.config.n_layers
         X = [emb]
@@ -259,11 +279,21 @@ def mudd_reference(model, ids):
                 continue
             prior = ref.p(f"das.{i}.prior")  # [C, n]
             C, n = prior.shape
-            hidden = F.gelu(ref.scale_free(stream) @ ref.p(f"das.{i}.w1.weight").T)
-            A = (hidden @ ref.p(f"das.{i}.w2.weight").T).view(-1, C, n) + prior  # [T, C, n]
-            out_streams = [sum(A[:, c, j, None] * X[j] for j in range(n)) for c in range(C)]
+            if ref.has(f"das.{i}.w1.weight"):
+                hidden = F.gelu(ref.scale_free(stream) @ ref.p(f"das.{i}.w1.weight").T)
+                A = (hidden @ ref.p(f"das.{i}.w2.weight").T).view(-1, C, n) + prior  # [T, C, n]
+            else:  # static dense: the prior for every token
+                A = prior.expand(stream.shape[0], C, n)
+            sources = [rmsnorm(X[j], ref.p(f"pre_norms.{j}.weight"), ref.eps) if prepost else X[j]
+                       for j in range(n)]
+            out_streams = [sum(A[:, c, j, None] * sources[j] for j in range(n)) for c in range(C)]
+            if prepost:
+                post = rmsnorm(out_streams[-1], ref.p(f"post_norms.{i}.weight"), ref.eps)
+                out_streams = [stream + s for s in out_streams[:-1]] + [stream + post]
             if C == 1:
                 r = out_streams[0]
+                q = k = v = r
+                distinct = False
             else:
                 q, k, v, r = out_streams
                 distinct = True
@@ -284,8 +314,12 @@ CONFIGS = [
     ("vertical", {}), ("vertical", {"sources": "delta"}),
     ("vertical", {"keep_residual": True, "init_adjacent_logit": 1.5}),
     ("dca", {}), ("dca", {"k": 2}), ("dca", {"grn": "v1"}), ("dca", {"grn": "v2", "k": 1}),
-    ("dca", {"grn": "v3", "gate_norm": True}),
+    ("dca", {"grn": "v3", "gate_norm": True}), ("dca", {"k": 2, "k_stack": "folded"}),
+    ("dca", {"k": 1, "k_stack": "first_last"}), ("dca", {"k": 2, "k_stack": "first_last"}),
+    ("dca", {"separate_norms": True}),
     ("mudd", {}), ("mudd", {"separate_norms": False, "hidden_multiple": 0, "expand_last": False}),
+    ("mudd", {"multiway": False}), ("mudd", {"dynamic": False}), ("mudd", {"form": "prepost"}),
+    ("mudd", {"form": "prepost", "dynamic": False, "multiway": False}),
 ]
 
 
@@ -313,7 +347,8 @@ def test_matches_float64_reference_after_perturbation(case, mixer):
 
 
 @pytest.mark.parametrize("case", [("elc_bert", {"variant": "base"}), ("denseformer", {"period": 2}),
-                                  ("vertical", {"sources": "delta"}), ("dca", {"k": 1}), ("mudd", {})],
+                                  ("vertical", {"sources": "delta"}), ("dca", {"k": 1}), ("mudd", {}),
+                                  ("mudd", {"form": "prepost"})],
                          ids=config_id)
 def test_depth_layers_matches_reference(case):
     name, options = case
@@ -324,7 +359,10 @@ def test_depth_layers_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", [(name, {}) for name in REFERENCES]
-                         + [("mudd", {"separate_norms": False}), ("dca", {"k": 1})], ids=config_id)
+                         + [("mudd", {"separate_norms": False}), ("dca", {"k": 1}),
+                            ("dca", {"k": 1, "k_stack": "first_last", "separate_norms": True}),
+                            ("mudd", {"form": "prepost"}), ("mudd", {"dynamic": False, "multiway": False})],
+                         ids=config_id)
 def test_gradients_match_reference(case):
     """Backward too (MUDD writes its sources into one buffer through a custom autograd function)."""
     name, options = case
@@ -345,10 +383,14 @@ def test_gradients_match_reference(case):
 def test_starts_exactly_at_the_standard_model(case, mixer):
     name, options = case
     model = build(name, options, mixer, dtype=torch.float32, perturb=False, n_layers=layers_for(name))
-    assert type(model.depth).starts_at_baseline
     ids = ids_for(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), baseline_twin(model)(ids), **INIT)
+        got, want = model(ids), baseline_twin(model)(ids)
+    if not model.depth.starts_at_baseline:  # dca's first_last k-DCA drops the middle deltas
+        assert name == "dca" and options["k_stack"] == "first_last"
+        assert (got - want).abs().max() > 1e-3
+        return
+    torch.testing.assert_close(got, want, **INIT)
 
 
 @pytest.mark.parametrize("name", ["elc_bert", "vertical", "dca", "mudd"])
@@ -480,7 +522,13 @@ def test_parameter_counts_follow_the_papers():
     assert counts("vertical", {}) == L * (L + 1) // 2 - 1
     assert counts("dca", {"grn": "v1"}) == sum(t + 1 for t in range(L + 1))
     assert counts("dca", {}) == sum(3 * ((t + 1) * d + d) for t in range(L)) + (L + 1) * d + d
-    assert counts("dca", {"k": 2, "grn": "v2"}) == sum(min(t, 2) + 1 for t in range(L + 1)) * d
+    # k-DCA stacks before block t (t = L: the final read), k = 2
+    assert counts("dca", {"k": 2, "grn": "v2"}) == sum(min(t + 1, 2 + 2) for t in range(L + 1)) * d
+    assert counts("dca", {"k": 2, "grn": "v2", "k_stack": "folded"}) == \
+        sum(min(t, 2) + 1 for t in range(L + 1)) * d
+    assert counts("dca", {"k": 2, "grn": "v2", "k_stack": "first_last"}) == \
+        sum(min(t + 1, 2 * 2) for t in range(L + 1)) * d
+    assert counts("dca", {"separate_norms": True}) == counts("dca", {}) + 2 * d * L
     hidden = lambda n, c, last: ((n * c * (4 if last else 1)) // 64 + 1) * 64
     expected = sum(d * hidden(i + 2, 4, False) + hidden(i + 2, 4, False) * 4 * (i + 2) + 4 * (i + 2)
                    for i in range(L - 1))
@@ -494,6 +542,32 @@ def test_mudd_init_values():
     assert da.w2.weight.abs().sum() == 0
     assert da.prior.tolist() == [[0.0, 0.0, 1.0]] * 4
     assert abs(da.w1.weight.std().item() - 32 ** -0.5) < 0.02
+
+
+def test_mudd_prepost_init_values():
+    """The JAX training config's form: prior 0 (the dynamic part is 0 too: every DA is 0 and
+    every stream X_i), PreNorm gains 1 for X_0..X_L, PostNorm gains 1e-3 per DA."""
+    op = build("mudd", {"form": "prepost"}, perturb=False, n_layers=3).depth
+    assert all(da.prior.abs().sum() == 0 and da.w2.weight.abs().sum() == 0 for da in op.das.values())
+    assert sorted(op.pre_norms, key=int) == ["0", "1", "2", "3"]
+    assert sorted(op.post_norms) == sorted(op.das)
+    assert all((norm.weight == 1).all() for norm in op.pre_norms.values())
+    assert all(torch.allclose(norm.weight, torch.full_like(norm.weight, 1e-3))
+               for norm in op.post_norms.values())
+    assert op.pipeline_payload(0)[1] == 3  # X_0, X_1 normalised, and X_1 itself
+
+
+def test_mudd_single_way_and_static_structure():
+    single = build("mudd", {"multiway": False}, perturb=False, n_layers=3).depth
+    assert {da.n_streams for da in single.das.values()} == {1} and not len(single.kv_norms)
+    assert single.reads_through_norm  # no Q, K, V views: every read through the sublayer norm
+    static = build("mudd", {"dynamic": False}, perturb=False, n_layers=3).depth
+    assert all(da.w1 is None and da.w2 is None for da in static.das.values())
+    assert static.mixing == "static" and static.das["1"].prior.tolist() == [[0.0, 0.0, 1.0]] * 4
+    L, d = 3, 32
+    params = sum(p.numel() for p in build("mudd", {"dynamic": False, "separate_norms": False},
+                                           perturb=False, n_layers=L).depth.parameters())
+    assert params == sum(4 * (i + 2) for i in range(L - 1)) + (L + 1)  # the priors a_i only
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -520,6 +594,8 @@ def test_metadata(name):
     ("dca", {"k": 0}, "depth_options.k"),
     ("mudd", {"hidden_multiple": -1}, "hidden_multiple"),
     ("mudd", {"sepln": True}, "unknown option"),
+    ("mudd", {"form": "jax"}, "form"),
+    ("dca", {"k_stack": "middle"}, "k_stack"),
 ])
 def test_bad_options_are_user_errors(name, options, match):
     with pytest.raises(UserError, match=match):

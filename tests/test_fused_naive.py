@@ -53,7 +53,9 @@ VARIANTS: dict[str, list[tuple[dict, dict]]] = {
                       ({"gate": "alpha", "query_init": "normal"}, {"depth_layers": [1, 2]})],
     "block_attnres": [({"block_size": 3}, {"depth_layers": [1, 2]}), ({"n_blocks": 2}, {})],
     "mudd": [({"separate_norms": False, "hidden_multiple": 0, "expand_last": False}, {}),
-             ({}, {"depth_layers": [0, 2]})],
+             ({}, {"depth_layers": [0, 2]}), ({"form": "prepost"}, {}),
+             ({"multiway": False, "dynamic": False}, {"local_mixer": "shortswa"}),
+             ({"form": "prepost", "dynamic": False}, {"depth_layers": [0, 2]})],
 }
 CASES = [(name, options, changes) for name in OPERATORS
          for options, changes in [({}, {}), ({}, {"local_mixer": "shortswa"})]

@@ -32,8 +32,27 @@ The released code's choices, as options:
 - `hidden_multiple=64`: the DA hidden width K_i = C (i+1) is rounded as the code does,
   (K_i // 64 + 1) * 64 -- a full extra step even when K_i is already a multiple; 0 = no rounding.
 - `expand_last=True`: the last DA's hidden width is 4x (before rounding).
-Left out: the JAX-only refinements (mudd_prenorm / mudd_postnorm, zero static prior) and the
-code's per-layer FFN width ramp (a capacity change confounded with MUDD, not a residual operator).
+- `form="prepost"`: the released *training* configuration (JAX, MUDDLlama2Medium in
+  jax/MaxText/exp.py: mudd_prenorm and mudd_postnorm on; layers/models.py). The DAs read
+  normalised copies of the outputs and the streams are residual updates of the current output:
+
+      S_j = PreNorm_j(X_j)                    learned RMSNorm per source, weight 1 at init
+      X^c = X_i + sum_j A_i[c, j] S_j         c in {Q, K, V}
+      X^R = X_i + PostNorm_i(sum_j A_i[R, j] S_j)      learned RMSNorm, weight 1e-3 at init
+      a_i = 0 at init (not e_i)               every DA is 0 and every stream X_i: the baseline
+
+  A_i is still computed from X_i itself. Parameters `pre_norms[str(j)]` (j = 0: the embedding),
+  `post_norms[str(i)]` (the DA after block i). Default "paper": the equations above.
+Left out: the code's per-layer FFN width ramp (`dynamic_mlp_dim`: hidden width
+round(F (i/(L-1) + 0.5) / 128) 128 for block i): a change of the trunk's sublayers, not of the
+residual operator, confounded with MUDD in the paper's headline numbers.
+
+Ablations of the paper, as options (both start at the baseline, as the default does):
+- `multiway=False`: one dense connection per DA (DDFormer, the single-way dynamic dense
+  connection of the paper's ablation): every DA produces only R (C = 1), and each block reads
+  X^R for attention's query, key and value as in a standard block (no separate norms then).
+- `dynamic=False`: static dense connections, A_i = a_i (no W_1, W_2): one learned weight per
+  stream and source, the same for every token; the operator's mixing is then "static".
 
 Other choices:
 - The DA's scale-free RMSNorm uses config.norm_eps (code: 1e-6); weights A are computed in the
@@ -57,6 +76,8 @@ Other choices:
   (torch.nn.functional.rms_norm, then the per-stream weights), fewer kernels per block.
 - `impl`: "fused" is the buffer and _Aggregate above; "naive" keeps the sources in a list and
   computes each DA as A @ stack(X_0..X_i) in plain autograd ops (`DynamicAggregate.naive`);
+  both paths serve every option (the pre/post norms and residual additions are plain ops
+  around the aggregate; a static DA hands _Aggregate its prior expanded over B, T);
   "auto" (default) is fused in eager mode (CPU: it was written for it; CUDA: to be measured)
   and naive under torch.compile, where _Aggregate's storage aliasing (`set_`) would break the
   graph and inductor fuses the stack and matmul itself.
@@ -80,6 +101,8 @@ from resstream.registry import register_depth_operator
 from resstream.routing import depth_attention_result
 
 STREAMS = 4  # Q, K, V, R
+FORMS = ("paper", "prepost")
+POST_NORM_INIT = 1e-3  # the JAX code's scale_init of the R stream's post-norm
 
 
 def da_hidden_width(n_sources: int, n_streams: int, last: bool, multiple: int,
@@ -214,38 +237,46 @@ class _Aggregate(torch.autograd.Function):
 
 
 class DynamicAggregate(nn.Module):
-    """One DA: C streams, each a per-token weighted sum of the n sources."""
+    """One DA: C streams, each a per-token weighted sum of the n sources, with weights
+    A = GELU(RMSNorm_noscale(X_i) W_1) W_2 + a (`dynamic`), or the static prior a alone.
+    The prior starts at e_i (1 on the current output X_i) or, for the pre/post-norm form, at 0."""
 
-    def __init__(self, d_model: int, n_sources: int, n_streams: int, hidden: int, eps: float):
+    def __init__(self, d_model: int, n_sources: int, n_streams: int, hidden: int, eps: float,
+                 dynamic: bool = True, prior_on_current: bool = True):
         super().__init__()
-        self.n_sources, self.n_streams = n_sources, n_streams
-        self.norm = RMSNorm(d_model, eps, affine=False)
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, n_streams * n_sources, bias=False)
-        nn.init.normal_(self.w1.weight, std=1.0 / math.sqrt(d_model))
-        nn.init.zeros_(self.w2.weight)
+        self.n_sources, self.n_streams, self.eps = n_sources, n_streams, eps
+        self.w1 = self.w2 = None
+        if dynamic:
+            self.w1 = nn.Linear(d_model, hidden, bias=False)
+            self.w2 = nn.Linear(hidden, n_streams * n_sources, bias=False)
+            nn.init.normal_(self.w1.weight, std=1.0 / math.sqrt(d_model))
+            nn.init.zeros_(self.w2.weight)
         prior = torch.zeros(n_streams, n_sources)
-        prior[:, -1] = 1.0  # a_i = e_i: every stream starts as the current output
+        if prior_on_current:
+            prior[:, -1] = 1.0  # a_i = e_i: every stream starts as the current output
         self.prior = nn.Parameter(prior)
 
     def weights(self, current: Tensor) -> Tensor:
         """A [B, T, C, n] from the current output X_i [B, T, d]."""
-        dynamic = self.w2(F.gelu(self.w1(rms_norm(current, None, self.norm.eps))))
         b, t, _ = current.shape
-        return dynamic.view(b, t, self.n_streams, self.n_sources) + self.prior.to(current.dtype)
+        prior = self.prior.to(current.dtype)
+        if self.w1 is None:  # static: the same weights for every token
+            return prior.expand(b, t, self.n_streams, self.n_sources)
+        dynamic = self.w2(F.gelu(self.w1(rms_norm(current, None, self.eps))))
+        return dynamic.view(b, t, self.n_streams, self.n_sources) + prior
 
-    def forward(self, sources: SourceStack) -> tuple[Tensor, ...]:
-        """X_0..X_i (the stack's filled prefix [B, T, i+1, d]) -> (X^R [B, T, d],) for C = 1,
-        (X^{Q,K,V} [B, T, 3, d], X^R [B, T, d]) for C = 4."""
+    def forward(self, sources: SourceStack, current: Tensor) -> tuple[Tensor, ...]:
+        """The stack's filled prefix [B, T, i+1, d] and the current output X_i (the weights'
+        input) -> (X^R [B, T, d],) for C = 1, (X^{Q,K,V} [B, T, 3, d], X^R [B, T, d]) for C = 4."""
         assert sources.count == self.n_sources
-        *streams, sources.carrier = _Aggregate.apply(self.weights(sources.last), sources.carrier,
+        *streams, sources.carrier = _Aggregate.apply(self.weights(current), sources.carrier,
                                                      sources, self.n_sources, *sources.pending)
         sources.pending = []
         return tuple(streams)
 
-    def naive(self, sources: list[Tensor]) -> tuple[Tensor, ...]:
-        """`forward` in plain autograd ops, from the sources X_0..X_i as a list."""
-        streams = self.weights(sources[-1]) @ torch.stack(sources, 2)  # X^c = sum_j A[c, j] X_j
+    def naive(self, sources: list[Tensor], current: Tensor) -> tuple[Tensor, ...]:
+        """`forward` in plain autograd ops, from the sources as a list."""
+        streams = self.weights(current) @ torch.stack(sources, 2)  # X^c = sum_j A[c, j] X_j
         if self.n_streams == 1:
             return (streams[:, :, 0],)
         return streams[:, :, :-1], streams[:, :, -1]
@@ -253,21 +284,18 @@ class DynamicAggregate(nn.Module):
 
 @dataclass
 class MUDDState:
-    sources: SourceStack | list[Tensor]  # X_0, ..., X_i (a list on the naive path)
+    sources: SourceStack | list[Tensor]  # the DAs' sources, X_0..X_i (PreNorm_j(X_j) for "prepost")
     views: Tensor | None = None  # X^Q, X^K, X^V [B, T, 3, d]; None when all equal X^R
     stream: Tensor | None = None  # X^R plus this block's sublayer outputs
     naive: bool = False  # the naive path (`impl`)
-
-    def latest(self) -> Tensor:
-        """The newest source X_i."""
-        return self.sources[-1] if self.naive else self.sources.last
+    current: Tensor | None = None  # "prepost": X_i of the last DA (its sources are normalised)
 
 
 @register_depth_operator("mudd")
 class MUDD(DepthOperator):
     aggregates = ("four per-token (dynamic) weighted sums Q, K, V, R over the embedding and all "
                   "earlier block outputs (cumulative states)")
-    mixing = "dynamic"
+    mixing = "dynamic"  # the default dynamic=True; see option_metadata
     paper = ("Xiao, Meng, Li, Yuan: MUDDFormer, Multiway Dynamic Dense connections "
              "(ICML 2025, arXiv 2502.12170)")
     reads_through_norm = False  # the default separate_norms=True; see option_metadata
@@ -279,47 +307,72 @@ class MUDD(DepthOperator):
         separate_norms: bool = True  # sepln: own RMSNorms for the K and V inputs (Q: attention's)
         hidden_multiple: int = 64  # DA hidden width rounding as the code: (K // m + 1) m; 0 = none
         expand_last: bool = True  # last DA hidden width x4 (before rounding)
+        multiway: bool = True  # False: one dense connection per DA (R only; the paper's DDFormer)
+        dynamic: bool = True  # False: static dense weights A_i = a_i (no W_1, W_2)
+        form: str = "paper"  # "paper" | "prepost" (the JAX training config's pre/post norms)
         impl: str = "auto"  # "auto" | "fused" | "naive" (module docstring)
 
     @classmethod
     def option_metadata(cls, options):
-        return {"reads_through_norm": not options.separate_norms}  # see the module docstring
+        # see the module docstring: K and V reads bypass the sublayer norm only with separate
+        # norms and Q, K, V views (multiway)
+        return {"reads_through_norm": not (options.separate_norms and options.multiway),
+                "mixing": "dynamic" if options.dynamic else "static"}
 
     @classmethod
     def validate_config(cls, config, options) -> None:
         require(options.hidden_multiple >= 0, "depth_options.hidden_multiple",
                 options.hidden_multiple, "an integer >= 0 (0: no rounding)")
+        require(options.form in FORMS, "depth_options.form", options.form, ", ".join(FORMS))
         validate_impl(options.impl)
 
     def __init__(self, config, sites, options):
         super().__init__(config, sites, options)
-        d, last = config.d_model, self.n_layers - 1
+        d, last, eps = config.d_model, self.n_layers - 1, config.norm_eps
         has_attention = any(site.kind == "attn" for site in sites)
+        self.prepost = options.form == "prepost"
         self.das = nn.ModuleDict()
         for i in range(self.n_layers):  # the DA after 0-based block i feeds block i+1 (or the output)
             if self.is_active(min(i + 1, last)):
-                streams = STREAMS if has_attention and i < last else 1
+                streams = STREAMS if has_attention and options.multiway and i < last else 1
                 hidden = da_hidden_width(i + 2, streams, i == last, options.hidden_multiple,
                                          options.expand_last)
-                self.das[str(i)] = DynamicAggregate(d, i + 2, streams, hidden, config.norm_eps)
+                self.das[str(i)] = DynamicAggregate(d, i + 2, streams, hidden, eps, options.dynamic,
+                                                    prior_on_current=not self.prepost)
         self.kv_norms = nn.ModuleDict()
         if options.separate_norms and has_attention:
             for i in range(1, self.n_layers):
-                if str(i - 1) in self.das:
-                    self.kv_norms[str(i)] = nn.ModuleList(RMSNorm(d, config.norm_eps) for _ in range(2))
+                if str(i - 1) in self.das and self.das[str(i - 1)].n_streams == STREAMS:
+                    self.kv_norms[str(i)] = nn.ModuleList(RMSNorm(d, eps) for _ in range(2))
         self.last_da = max((int(i) for i in self.das), default=-1)
+        # "prepost": PreNorm_j of every source a DA reads (j = 0: the embedding), weight 1 at
+        # init; PostNorm_i of each DA's R stream, weight 1e-3 at init (the code's values)
+        self.pre_norms = nn.ModuleDict()
+        self.post_norms = nn.ModuleDict()
+        if self.prepost:
+            for j in range(self.last_da + 2):
+                self.pre_norms[str(j)] = RMSNorm(d, eps)
+            for key in self.das:
+                self.post_norms[key] = RMSNorm(d, eps)
+                nn.init.constant_(self.post_norms[key].weight, POST_NORM_INIT)
         # the same modules by python int block index: a str() of the index in the forward
         # can break a torch.compile graph (dynamo may make the int symbolic)
         self.da_after = {int(key): da for key, da in self.das.items()}
         self.kv_norms_of = {int(key): norms for key, norms in self.kv_norms.items()}
+        self.pre_norm_of = {int(key): norm for key, norm in self.pre_norms.items()}
+        self.post_norm_of = {int(key): norm for key, norm in self.post_norms.items()}
 
     # ---------------------------------------------------------------- hooks
     def init_state(self, x0, ctx):
         naive = use_naive(self.options.impl)
         sources = [] if naive else SourceStack(self.n_layers + 1)
         if self.das:
-            sources.append(x0)
+            sources.append(self._source(x0, 0))
         return MUDDState(sources=sources, stream=x0, naive=naive)
+
+    def _source(self, x: Tensor, index: int) -> Tensor:
+        """What the DAs read of output X_index: X_index itself, or PreNorm_index(X_index)."""
+        return self.pre_norm_of[index](x) if self.prepost else x
 
     def read(self, state, site, norm, ctx):
         if site.kind == "attn" and state.views is not None:
@@ -347,92 +400,122 @@ class MUDD(DepthOperator):
 
     def _after_block(self, state: MUDDState, layer: int) -> None:
         if self.last_da >= layer:  # a DA from here on reads this output
-            state.sources.append(state.stream)
+            state.sources.append(self._source(state.stream, layer + 1))
         self._aggregate(state, layer)
 
     def _aggregate(self, state: MUDDState, layer: int) -> None:
-        """The DA after block `layer` (if any): the next block's streams from the sources."""
+        """The DA after block `layer` (if any): the next block's streams from the sources and
+        the current output X_i (`state.stream`)."""
         aggregate = self.da_after.get(layer)
         if aggregate is None:  # the next block reads the plain residual X_i for every stream
             state.views = None
             return
+        current = state.stream
+        if self.prepost:
+            state.current = current
         if self._routing is not None:
-            self._record_aggregate(aggregate, state.latest(), layer)
-        streams = aggregate.naive(state.sources) if state.naive else aggregate(state.sources)
-        if aggregate.n_streams == 1:  # the last DA (or no attention): R only
-            state.stream, state.views = streams[0], None
+            self._record_aggregate(aggregate, current, layer)
+        if state.naive:
+            streams = aggregate.naive(state.sources, current)
+        else:
+            streams = aggregate(state.sources, current)
+        residual = streams[-1]
+        if self.prepost:  # X^c = X_i + DA_c for Q, K, V; X^R = X_i + PostNorm(DA_R)
+            residual = current + self.post_norm_of[layer](residual)
+        if aggregate.n_streams == 1:  # the last DA (or single-way, or no attention): R only
+            state.stream, state.views = residual, None
             return
-        state.views, state.stream = streams
+        views = streams[0]
+        state.views = current[:, :, None] + views if self.prepost else views
+        state.stream = residual
 
     def finalize(self, state, ctx):
         return state.stream
 
     # ---------------------------------------------------------------- routing weights
-    def _record_aggregate(self, aggregate: DynamicAggregate, latest: Tensor, layer: int) -> None:
+    def _record_aggregate(self, aggregate: DynamicAggregate, current: Tensor, layer: int) -> None:
         """The DA's per-token weights A [B, T, C, i+2] (computed again: _Aggregate keeps them
         inside its node), one way per stream: Q, K, V, R (or R alone)."""
         ways = ["Q", "K", "V", "R"] if aggregate.n_streams == STREAMS else ["R"]
         reader = f"L{layer + 1}" if layer + 1 < self.n_layers else "final"
         labels = ["emb"] + [f"L{j}" for j in range(aggregate.n_sources - 1)]
-        self._routing.add_weights(reader, labels, aggregate.weights(latest), ways)
+        self._routing.add_weights(reader, labels, aggregate.weights(current), ways)
 
     def routing_result(self, recorder) -> dict:
         """depth_attention: block l's DA weights over X_0 (emb) and the block outputs, averaged
         over tokens and over the ways the DA produces (Q, K, V, R; R only for the last DA,
         "final"); per way in per_head. Unnormalised (rows need not sum to 1)."""
-        return depth_attention_result(recorder, normalised=False)
+        return depth_attention_result(recorder, normalised=False, static=not self.options.dynamic)
 
     # ---------------------------------------------------------------- accounting
+    def _ways(self) -> int:
+        return max((da.n_streams for da in self.das.values()), default=1)
+
     def depth_state_vectors(self) -> int:
-        # all block outputs up to the last DA, plus the four streams in flight
-        return (self.last_da + 2 + STREAMS) if self.last_da >= 0 else 1
+        # all block outputs up to the last DA, plus the streams in flight ("prepost": the
+        # sources are normalised copies, and X_i itself is kept for the residual: one more)
+        if self.last_da < 0:
+            return 1
+        return self.last_da + 2 + self._ways() + (1 if self.prepost else 0)
 
     # ---------------------------------------------------------------- pipeline stages
     def stage_state(self, state: MUDDState, layer: int) -> tuple[Tensor, ...]:
         """The sources X_0..X_{l+1} while a DA reads them (the DA after block l included: the
         next stage recomputes it from them instead of receiving its four streams), else the
-        stream. Sources an earlier DA has read are sent as one [B, T, n, d] slice of the last
-        DA's carrier (the source buffer, whose gradient reaches them through the DA chain)."""
+        stream; "prepost" also sends X_{l+1} itself (the sources are PreNorm_j(X_j)). Sources
+        an earlier DA has read are sent as one [B, T, n, d] slice of the last DA's carrier
+        (the source buffer, whose gradient reaches them through the DA chain)."""
         sources = state.sources
         if self.last_da < layer:
             return (state.stream,)
+        current = (state.current,) if self.prepost else ()
         if state.naive:  # every source is an ordinary tensor of the graph
-            return tuple(sources)
+            return (*sources, *current)
         read = sources.count - len(sources.pending)
         carried = (sources.carrier[:, :, :read],) if read else ()
-        return (*carried, *sources.pending)
+        return (*carried, *sources.pending, *current)
 
     def from_stage_state(self, tensors: tuple[Tensor, ...], layer: int) -> MUDDState:
         naive = use_naive(self.options.impl)
         sources = [] if naive else SourceStack(self.n_layers + 1)
         if self.last_da < layer:
             return MUDDState(sources=sources, stream=tensors[0], naive=naive)
+        if self.prepost:
+            *tensors, current = tensors
         for tensor in tensors:
             for x in tensor.unbind(2) if tensor.dim() == 4 else (tensor,):
                 sources.append(x)
         state = MUDDState(sources=sources, naive=naive)
-        state.stream = state.latest()
+        state.stream = current if self.prepost else (sources[-1] if naive else sources.last)
         self._aggregate(state, layer)
         return state
 
     def pipeline_payload(self, layer: int) -> tuple[str, int]:
         if self.last_da >= layer:
+            if self.prepost:
+                return ("l+2 normalised block outputs and X_{l+1} (the DA after block l is "
+                        "recomputed from them)", layer + 3)
             return "l+2 block outputs (the DA after block l is recomputed from them)", layer + 2
         return "1 (no DA follows)", 1
 
     def forward_macs_per_token(self, seq_len: int) -> int:
         """Per DA after block i over n = i+2 sources with C streams and hidden width K: the
-        scale-free RMSNorm of X_i 2d, W_1 d K, W_2 K C n, the C weighted sums C n d. Blocks fed
-        Q, K, V views normalise two more inputs, 2 x 2d (attention's norm covers the third)."""
+        scale-free RMSNorm of X_i 2d, W_1 d K, W_2 K C n (static: none of these), the C
+        weighted sums C n d. Blocks fed Q, K, V views normalise two more inputs, 2 x 2d
+        (attention's norm covers the third). "prepost": one PreNorm per source and one
+        PostNorm per DA, 2d each (the additions of X_i are free)."""
         d, total = self.d_model, 0
         for aggregate in self.das.values():
-            hidden, width = aggregate.w1.out_features, aggregate.w2.out_features
-            total += 2 * d + d * hidden + hidden * width + aggregate.n_streams * aggregate.n_sources * d
+            if aggregate.w1 is not None:
+                hidden, width = aggregate.w1.out_features, aggregate.w2.out_features
+                total += 2 * d + d * hidden + hidden * width
+            total += aggregate.n_streams * aggregate.n_sources * d
         views = sum(1 for aggregate in self.das.values() if aggregate.n_streams == STREAMS)
-        return total + views * 2 * 2 * d
+        norms = len(self.pre_norms) + len(self.post_norms)
+        return total + views * 2 * 2 * d + norms * 2 * d
 
     def no_weight_decay(self) -> set[str]:
         """All of them: each DA's static prior a_i (init e_i) and its weight generator W_1, W_2
         (W_2 = 0: the dynamic part of the mixing coefficients) compute mixing coefficients; the
-        K/V norm gains are 1-D."""
+        K/V, pre- and post-norm gains are 1-D."""
         return {name for name, _ in self.named_parameters()}
