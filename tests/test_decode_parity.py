@@ -41,6 +41,10 @@ DEPTH_VARIANTS = {
     # an extra norm on the embedding; the raw embedding into the first sublayer
     "peri_ln": [("peri-ln-embedding-norm", {"embedding_norm": True})],
     "deepnorm": [("deepnorm-raw-embedding", {"embedding_norm": False, "init": "scale"})],
+    # the other parameterisations of mHC's stream mix; static Frac-Connections
+    "mhc": [("mhc-lite", {"parameterisation": "lite", "streams": 3}),
+            ("mhc-kron", {"parameterisation": "kron"})],
+    "frac": [("frac-static", {"dynamic": False, "fractions": 2})],
 }
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()
