@@ -59,7 +59,7 @@ def test_bench_decode_quick(capsys):
 def test_bench_decode_takes_any_registered_depth_operator(capsys):
     """Operators outside CONFIGS run by name; their measured depth state is their formula."""
     names = ["rezero", "layerscale", "laurel", "post_ln", "deepnorm", "peri_ln", "ln_scaling",
-             "orthogonal"]
+             "orthogonal", "frac"]
     assert main(["bench", "decode", "--quick", "--format", "json", "--configs", ",".join(names)]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["rows"] if "context" in r}
     assert {"baseline", *names} <= set(rows)

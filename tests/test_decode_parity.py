@@ -48,6 +48,10 @@ DEPTH_VARIANTS = {
     "dca": [("dca-k", {"k": 1}), ("dca-k-folded", {"k": 1, "k_stack": "folded"}),
             ("dca-first-last-separate-norms", {"k": 1, "k_stack": "first_last",
                                                "separate_norms": True})],
+    # the other parameterisations of mHC's stream mix; static Frac-Connections
+    "mhc": [("mhc-lite", {"parameterisation": "lite", "streams": 3}),
+            ("mhc-kron", {"parameterisation": "kron"})],
+    "frac": [("frac-static", {"dynamic": False, "fractions": 2})],
 }
 OPERATORS = [(name, name, {}) for name in list_depth_operators()] + [
     (label, name, options) for name, variants in DEPTH_VARIANTS.items()

@@ -42,7 +42,10 @@ OPERATORS = [name for name in resstream.list_depth_operators() if has_impl(name)
 # run with their defaults, with and without a local mixer
 VARIANTS: dict[str, list[tuple[dict, dict]]] = {
     "hyper": [({"dynamic": False}, {}), ({"streams": 2}, {"depth_layers": [0, 2]})],
-    "mhc": [({"streams": 3, "sinkhorn_iters": 5, "init": "zero"}, {})],
+    "mhc": [({"streams": 3, "sinkhorn_iters": 5, "init": "zero"}, {}),
+            ({"parameterisation": "lite", "streams": 3}, {}),
+            ({"parameterisation": "kron"}, {"depth_layers": [0, 2]}),
+            ({"parameterisation": "kron", "streams": 6, "init": "zero"}, {})],
     "ddl": [({"value_dim": 3}, {}), ({"compressor": "tc"}, {}),
             ({"value_dim": 2, "compressor": "tc", "expander": "ec"}, {}),
             ({"beta_gate": "mlp", "value": "code", "compressor_init": "code"},

@@ -14,7 +14,14 @@ Where the package differs from the papers (so only the matching parts are compar
   matching part is the Sinkhorn-Knopp projection (row then column normalisation, 20 iterations),
   compared on the same logits (the package contracts over its first index: its matrix is our
   H_res transposed).
+* mHC-lite and KromHC (`parameterisation="lite"|"kron"`): H_res from the res logits written
+  here from the equations (every permutation of range(n) by itertools, Kronecker products by
+  torch.kron over the prime factors), compared with the model through the full reference.
 """
+import itertools
+import math
+from functools import reduce
+
 import pytest
 import torch
 from hyper_connections import HyperConnections as PackageHC
@@ -64,6 +71,37 @@ def sinkhorn_reference(logits, iters):
     return m
 
 
+def permutation_combination(logits, size):
+    """sum_k softmax(logits)_k P_k over the size! permutations sigma_k of range(size), with
+    P_k[i, sigma_k(i)] = 1 (mHC-lite, Birkhoff-von Neumann), logits [..., size!]."""
+    weights = torch.softmax(logits, dim=-1)
+    out = torch.zeros(*logits.shape[:-1], size, size, dtype=logits.dtype)
+    for k, sigma in enumerate(itertools.permutations(range(size))):
+        for i in range(size):
+            out[..., i, sigma[i]] += weights[..., k]
+    return out
+
+
+def residual_matrix_reference(conn, logits, n):
+    """H_res from its logits: Sinkhorn on [n, n]; lite: one combination of n! permutations;
+    kron: the Kronecker product of one combination per prime factor of n."""
+    if conn.parameterisation == "sinkhorn":
+        return sinkhorn_reference(logits.reshape(*logits.shape[:-1], n, n) + 0, conn.sinkhorn_iters)
+    sizes = [n] if conn.parameterisation == "lite" else {1: [], 2: [2], 3: [3], 4: [2, 2],
+                                                         6: [2, 3], 8: [2, 2, 2]}[n]
+    if not sizes:
+        return torch.ones(*logits.shape[:-1], 1, 1, dtype=logits.dtype)
+    factors, start = [], 0
+    for size in sizes:
+        count = math.factorial(size)
+        factors.append(permutation_combination(logits[..., start:start + count], size))
+        start += count
+    assert start == logits.shape[-1]
+    flat = [f.reshape(-1, f.shape[-2], f.shape[-1]) for f in factors]
+    kron = torch.stack([reduce(torch.kron, [f[t] for f in flat]) for t in range(flat[0].shape[0])])
+    return kron.reshape(*logits.shape[:-1], kron.shape[-2], kron.shape[-1])
+
+
 def mhc_coefficients(conn, streams, eps, n):
     """H_pre, H_post, H_res (mHC eqs. 7-9) from the flattened, RMS-normalised n*d state;
     returned in HC's layout: mix[j][i] = H_res[i, j] (weight of stream j in new stream i)."""
@@ -72,8 +110,8 @@ def mhc_coefficients(conn, streams, eps, n):
     p = x @ conn.phi
     pre = torch.sigmoid(conn.alpha_pre * p[..., :n] + conn.b_pre)
     post = 2 * torch.sigmoid(conn.alpha_post * p[..., n:2 * n] + conn.b_post)
-    res_logits = conn.alpha_res * p[..., 2 * n:].reshape(*p.shape[:-1], n, n) + conn.b_res
-    res = sinkhorn_reference(res_logits, conn.sinkhorn_iters)
+    res_logits = conn.alpha_res * p[..., 2 * n:] + conn.b_res.flatten()
+    res = residual_matrix_reference(conn, res_logits, n)
     read = [pre[..., j] for j in range(n)]
     mix = [[res[..., i, j] for i in range(n)] for j in range(n)]
     write = [post[..., i] for i in range(n)]
@@ -123,6 +161,11 @@ CASES = [
     ("mhc", {}, {}),
     ("mhc", {"streams": 3, "sinkhorn_iters": 5}, {"local_mixer": "shortswa"}),
     ("mhc", {"init": "zero"}, {"depth_layers": [1]}),
+    ("mhc", {"parameterisation": "lite"}, {}),
+    ("mhc", {"parameterisation": "lite", "streams": 3, "init": "zero"}, {"local_mixer": "shortswa"}),
+    ("mhc", {"parameterisation": "kron"}, {"depth_layers": [0, 2]}),
+    ("mhc", {"parameterisation": "kron", "streams": 6}, {}),
+    ("mhc", {"parameterisation": "kron", "streams": 2, "init": "zero"}, {}),
 ]
 
 
@@ -135,7 +178,9 @@ def test_matches_float64_reference(depth, options, changes):
 
 
 @pytest.mark.parametrize("depth,options", [("hyper", {}), ("hyper", {"dynamic": False}),
-                                           ("mhc", {"sinkhorn_iters": 4})])
+                                           ("mhc", {"sinkhorn_iters": 4}),
+                                           ("mhc", {"parameterisation": "lite", "streams": 3}),
+                                           ("mhc", {"parameterisation": "kron"})])
 def test_gradients_match_reference(depth, options):
     model = build(depth, options)
     assert_gradients_match(model, lambda: model(IDS), lambda: reference_streams(model, IDS),
@@ -146,6 +191,8 @@ def test_gradients_match_reference(depth, options):
     ("hyper", {}, {}), ("hyper", {"dynamic": False}, {"local_mixer": "shortswa"}),
     ("hyper", {}, {"depth_layers": [1]}), ("mhc", {}, {}), ("mhc", {"init": "zero"}, {}),
     ("mhc", {}, {"local_mixer": "shortswa", "depth_layers": [0, 2]}),
+    ("mhc", {"parameterisation": "lite"}, {}), ("mhc", {"parameterisation": "kron"}, {}),
+    ("mhc", {"parameterisation": "kron", "streams": 6, "init": "zero"}, {"local_mixer": "shortswa"}),
 ])
 def test_starts_at_standard_model(depth, options, changes):
     """Identical streams stay equal to the standard residual (HC: B = 1, A_r = I; mHC: doubly
@@ -197,6 +244,38 @@ def test_mhc_stream_mix_is_doubly_stochastic_after_training_noise():
     assert (mix >= 0).all()
 
 
+@pytest.mark.parametrize("options,identity", [
+    ({"parameterisation": "lite"}, 1 / (1 + 23 * math.exp(-8))),  # 4! - 1 = 23 other permutations
+    ({"parameterisation": "lite", "streams": 3}, 1 / (1 + 5 * math.exp(-8))),
+    ({"parameterisation": "kron"}, (1 / (1 + math.exp(-8))) ** 2),  # 2 x 2 (x) 2 x 2
+    ({"parameterisation": "kron", "streams": 6}, 1 / (1 + math.exp(-8)) / (1 + 5 * math.exp(-8))),
+])
+def test_permutation_parameterisations_are_exactly_doubly_stochastic(options, identity):
+    """mHC-lite and KromHC: H_res is a convex combination of permutations (or a Kronecker
+    product of such), so its rows and columns sum to 1 to rounding, at any logits; at the
+    symmetry-breaking init the identity permutation has logit 0 and every other one -8."""
+    model = build("mhc", options, scale=1.0)
+    conn = model.depth.connections["3"]
+    n = model.depth.n
+    assert conn.b_res.shape == (conn.res_size,) and conn.phi.shape[-1] == conn.res_size + 2 * n
+    streams = torch.randn(2, 3, n, 32, dtype=torch.float64)
+    _, mix, _ = conn.coefficients(streams)
+    ones = torch.ones(2, 3, n, dtype=torch.float64)
+    torch.testing.assert_close(mix.sum(-1), ones, rtol=0, atol=1e-14)
+    torch.testing.assert_close(mix.sum(-2), ones, rtol=0, atol=1e-14)
+    assert (mix >= 0).all()
+    fresh = build("mhc", options, perturb=False).depth.connections["3"]
+    with torch.no_grad():
+        res = fresh.residual_matrix(fresh.b_res.double(), naive=False)
+    # the identity permutation (first in each factor) gets the product of its factors' weights
+    sizes = {"lite": [n], "kron": {4: [2, 2], 6: [2, 3]}.get(n)}[options["parameterisation"]]
+    segments = fresh.b_res.detach().double().split([math.factorial(i) for i in sizes])
+    assert math.prod(torch.softmax(x, 0)[0].item() for x in segments) == pytest.approx(identity)
+    assert all((x[1:] == -8).all() and x[0] == 0 for x in segments)
+    assert res.diagonal().min() >= identity - 1e-12
+    torch.testing.assert_close(res.sum(-1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
 # Two places where mHC's stream mix H_res cannot matter (inherent to mHC, not bugs): at the first
 # sublayer the streams are identical copies of the embedding and a doubly stochastic H_res maps
 # identical streams to themselves (only Sinkhorn's row-convergence error shows); at the last
@@ -207,16 +286,19 @@ DEAD_STREAM_MIX = {"connections.0.b_res": 1e-3, "connections.0.alpha_res": 1e-3,
 
 
 @pytest.mark.parametrize("depth,options", [("hyper", {}), ("hyper", {"dynamic": False}),
-                                           ("mhc", {})])
+                                           ("mhc", {}), ("mhc", {"parameterisation": "lite"}),
+                                           ("mhc", {"parameterisation": "kron"})])
 def test_every_learned_weight_matters(depth, options):
     """d(output)/d(weight) != 0 for every parameter of the operator (after perturbation, so that
     zero-initialised weights are off zero): a mixing result that is computed but never applied
     has a zero gradient."""
-    model = build(depth, options, dtype=torch.float32)
+    # (lite / kron in float64: their H_res is exactly doubly stochastic, so the dead gradients
+    # below are rounding alone, about 1e-5 in float32)
+    model = build(depth, options, dtype=torch.float64 if "parameterisation" in options else torch.float32)
     params = dict(model.depth.named_parameters())
     per_site = {"hyper": 9 if options.get("dynamic", True) else 3, "mhc": 7}[depth]
     assert len(params) == per_site * 6
-    probe = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
+    probe = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5)).to(model.embed.weight.dtype)
     (model(IDS) * probe).sum().backward()
     for name, p in params.items():
         if depth == "mhc" and name in DEAD_STREAM_MIX:
@@ -365,8 +447,9 @@ def test_accounting_and_metadata():
 @pytest.mark.parametrize("depth,options", [
     ("hyper", {"streams": 0}), ("hyper", {"dynamic": "yes"}), ("hyper", {"sinkhorn_iters": 3}),
     ("mhc", {"streams": 0}), ("mhc", {"sinkhorn_iters": 0}), ("mhc", {"init": "identity"}),
-    ("mhc", {"dynamic": False}),
+    ("mhc", {"dynamic": False}), ("mhc", {"parameterisation": "birkhoff"}),
+    ("mhc", {"parameterisation": "lite", "streams": 7}), ("mhc", {"parameterisation": "kron", "streams": 7}),
 ])
 def test_options_validated(depth, options):
-    with pytest.raises(UserError, match="streams|dynamic|sinkhorn_iters|init"):
+    with pytest.raises(UserError, match="streams|dynamic|sinkhorn_iters|init|parameterisation"):
         tiny_config(depth=depth, depth_options=options)

@@ -267,6 +267,10 @@ OPTION_VARIANTS = [(name, {}) for name in list_depth_operators()] + [
     ("peri_ln", {"depth_options": {"embedding_norm": True}, "depth_layers": [0, 2]}),
     ("ln_scaling", {"depth_options": {"index": "sublayer"}, "local_mixer": "shortswa"}),
     ("orthogonal", {"depth_layers": [2, 3]}),
+    ("frac", {"depth_options": {"dynamic": False, "fractions": 2}, "depth_layers": [1, 4]}),
+    ("frac", {"local_mixer": "shortswa"}),
+    ("mhc", {"depth_options": {"parameterisation": "lite", "streams": 3}}),
+    ("mhc", {"depth_options": {"parameterisation": "kron"}, "depth_layers": [0, 3]}),
 ]
 
 

@@ -47,15 +47,40 @@ per-sublayer modules; a learned collapse, as in DeepSeek-V4, would make the last
 depth_layers: as in hyper.py, an inactive sublayer reads the stream mean and adds its output to
 every stream.
 
+Parameterisations of H_res (`parameterisation`; the rest of mHC is unchanged: the same x~, phi
+columns for pre and post, alphas, sigmoid read and 2 sigmoid write):
+- "sinkhorn" (default): the paper's, above.
+- "lite" (mHC-lite, Yang et al., arXiv 2601.05732): H_res = sum_k a_k P_k over all n! permutation matrices P_k (Birkhoff-von
+  Neumann), a = softmax(alpha_res * x~ phi_res + b_res), phi_res in R^{nC x n!}, b_res in R^{n!}:
+  exactly doubly stochastic, no iterations. n! columns: we allow n <= 6.
+- "kron" (KromHC: Zhou, Gu, Iacovides, Mandic, "KromHC: Manifold-Constrained Hyper-Connections
+  with Kronecker-Product Residual Matrices", arXiv 2601.21579): n = i_1 ... i_K (we take the
+  prime factors of n in ascending order: 2 x 2 for n = 4), H_res = U_1 (x) ... (x) U_K
+  (Kronecker product, U_1 the most significant index), each U_k = sum_r a_{k,r} P_r over the
+  i_k! permutations of size i_k with a_k = softmax(alpha_res * x~ phi_res^k + b_res^k); one
+  alpha_res shared by the factors; exactly doubly stochastic. We allow prime factors <= 5.
+Sources: both papers' abstracts and the KromHC paper's summary of mHC-lite; the equations and
+the res-bias init from KromHC's released code (github.com/wz1119/KromHC, whose `mhc_lite.py` is
+also its mHC-lite baseline); the mHC-lite paper's method text was not found. That code
+initialises the res logits to 0 for the identity permutation and -8 for every other one
+(`RES_OFF`), which is our "symmetry_breaking" init for both (the identity weighted
+1 / (1 + 23 e^-8) = 0.992 at n = 4 for lite, 1 / (1 + e^-8) = 0.9997 per 2 x 2 factor for
+kron); "zero" gives all res logits 0, i.e. H_res = 1/n
+as with Sinkhorn. The code's pre/post bias init is not ours (b_pre as above, b_post = 0, so that
+every parameterisation starts at the baseline up to eps); `sinkhorn_iters` is unused by them.
+
 Implementation: the stream mixing, the decode-step path and the hand-written backward passes of
 hyper.py, with mHC's coefficient table; Sinkhorn-Knopp has its own backward (`SinkhornKnopp`:
 its 2 * t_max normalisations of [..., n, n] matrices cost by their count of ops). `impl` as in
 hyper.py: "naive" computes the coefficients from the equations above in plain autograd ops
 (`ManifoldConnection.naive_coefficients`, `naive_sinkhorn_knopp`); "auto" (default) is fused,
-eager and compiled, as for hyper.
+eager and compiled, as for hyper. "lite" and "kron" build H_res from the softmax weights
+with plain autograd ops (`permutation_mix`) on both paths (nothing there for a hand-written
+node to save: no iterations); the fused path keeps its projection and stream-mixing nodes.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -70,8 +95,49 @@ from resstream.options import require
 from resstream.registry import register_depth_operator
 
 INITS = ("symmetry_breaking", "zero")
+PARAMETERISATIONS = ("sinkhorn", "lite", "kron")
 PRE_BIAS = 1.0  # b_pre: +1 for the favoured stream, -1 for the others
-RES_BIAS = 2.0  # b_res = RES_BIAS * I
+RES_BIAS = 2.0  # b_res = RES_BIAS * I (sinkhorn)
+RES_OFF = -8.0  # lite / kron: res logit of every permutation but the identity (KromHC's code)
+MAX_PERMUTED = 6  # lite: n <= 6 (n! columns of phi); kron: prime factors <= 5
+
+
+def prime_factors(n: int) -> list[int]:
+    """The prime factors of n in ascending order ([] for n = 1): KromHC's factor sizes i_k."""
+    factors, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            factors.append(p)
+            n //= p
+        p += 1
+    return factors
+
+
+def permutation_matrices(n: int) -> Tensor:
+    """All n! permutation matrices [n!, n, n], the identity first (itertools order):
+    P_k[i, sigma_k(i)] = 1."""
+    return torch.eye(n)[torch.tensor(list(itertools.permutations(range(n))))]
+
+
+def permutation_mix(logits: Tensor, permutations: list[Tensor]) -> Tensor:
+    """H_res [..., n, n] from res logits [..., sum_k i_k!]: per factor k, the convex
+    combination softmax(logits_k) . P^(k) of its permutation matrices [i_k!, i_k, i_k], then
+    their Kronecker product, factor 0 the most significant index (one factor: mHC-lite)."""
+    result, start = None, 0
+    for perms in permutations:
+        count, size = perms.shape[0], perms.shape[-1]
+        weights = torch.softmax(logits[..., start:start + count], dim=-1)
+        start += count
+        factor = (weights @ cast(perms, logits.dtype).flatten(1)).unflatten(-1, (size, size))
+        if result is None:
+            result = factor
+        else:  # (R (x) U)[a p + b, c q + d] = R[a, c] U[b, d]
+            rows, cols = result.shape[-2] * size, result.shape[-1] * size
+            result = (result[..., :, None, :, None] * factor[..., None, :, None, :]
+                      ).reshape(*factor.shape[:-2], rows, cols)
+    if result is None:  # n = 1 (kron: no factors)
+        return logits.new_ones(*logits.shape[:-1], 1, 1)
+    return result
 
 
 def sinkhorn_knopp(logits: Tensor, iters: int) -> Tensor:
@@ -128,21 +194,48 @@ class ManifoldConnection(nn.Module):
     """The mHC coefficients of one sublayer, from the flattened, RMS-normalised n*d streams."""
 
     def __init__(self, d_model: int, n: int, index: int, init: str, sinkhorn_iters: int,
-                 eps: float):
+                 eps: float, parameterisation: str = "sinkhorn"):
         super().__init__()
         self.n, self.eps, self.sinkhorn_iters = n, eps, sinkhorn_iters
-        self.phi = nn.Parameter(torch.zeros(n * d_model, n * n + 2 * n))  # [pre | post | res]
+        self.parameterisation = parameterisation
+        # the permutation matrices of each Kronecker factor (one factor of size n for lite)
+        sizes = {"sinkhorn": [], "lite": [n], "kron": prime_factors(n)}[parameterisation]
+        for k, size in enumerate(sizes):  # (buffers: they follow the model's device)
+            self.register_buffer(f"permutations_{k}", permutation_matrices(size), persistent=False)
+        self.factors = len(sizes)
+        # res logits: n^2 (sinkhorn), n! (lite), sum_k i_k! (kron)
+        self.res_size = (n * n if parameterisation == "sinkhorn"
+                         else sum(math.factorial(size) for size in sizes))
+        self.phi = nn.Parameter(torch.zeros(n * d_model, self.res_size + 2 * n))  # [pre|post|res]
         self.alpha_pre = nn.Parameter(torch.tensor(0.01))
         self.alpha_post = nn.Parameter(torch.tensor(0.01))
         self.alpha_res = nn.Parameter(torch.tensor(0.01))
-        b_pre, b_res = torch.zeros(n), torch.zeros(n, n)
+        b_pre = torch.zeros(n)
+        b_res = torch.zeros(n, n) if parameterisation == "sinkhorn" else torch.zeros(self.res_size)
         if init == "symmetry_breaking":
             b_pre = torch.full((n,), -PRE_BIAS)
             b_pre[index % n] = PRE_BIAS
-            b_res = RES_BIAS * torch.eye(n)
+            if parameterisation == "sinkhorn":
+                b_res = RES_BIAS * torch.eye(n)
+            else:  # 0 for each factor's identity permutation (its first), RES_OFF elsewhere
+                b_res = torch.full((self.res_size,), RES_OFF)
+                starts = torch.tensor([0] + [p.shape[0] for p in self.permutations[:-1]])
+                b_res[starts.cumsum(0)[:len(self.permutations)]] = 0.0
         self.b_pre = nn.Parameter(b_pre)
         self.b_post = nn.Parameter(torch.zeros(n))
         self.b_res = nn.Parameter(b_res)
+
+    def residual_matrix(self, logits: Tensor, naive: bool) -> Tensor:
+        """H_res [..., n, n] from the res logits alpha_res * x~ phi_res + b_res [..., res_size]."""
+        if self.parameterisation == "sinkhorn":
+            project = naive_sinkhorn_knopp if naive else sinkhorn_knopp
+            return project(logits.unflatten(-1, (self.n, self.n)), self.sinkhorn_iters)
+        return permutation_mix(logits, self.permutations)
+
+    @property
+    def permutations(self) -> list[Tensor]:
+        """Per Kronecker factor, its permutation matrices [i_k!, i_k, i_k]."""
+        return [self._buffers[f"permutations_{k}"] for k in range(self.factors)]
 
     def coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(H_pre [..., n], H_res^T [..., n, n] (row j = from stream j), H_post [..., n])."""
@@ -153,11 +246,11 @@ class ManifoldConnection(nn.Module):
         proj = NormalizedProjection.apply(flat, cast(self.phi, dtype) * math.sqrt(size), floor)
         # alpha * proj + b for the pre | post | res columns at once
         scale = torch.cat([self.alpha_pre.expand(n), self.alpha_post.expand(n),
-                           self.alpha_res.expand(n * n)])
+                           self.alpha_res.expand(self.res_size)])
         bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
         logits = torch.addcmul(cast(bias, dtype), proj, cast(scale, dtype))
-        pre, post, res = logits.split_with_sizes([n, n, n * n], dim=-1)
-        res = sinkhorn_knopp(res.unflatten(-1, (n, n)), self.sinkhorn_iters)
+        pre, post, res = logits.split_with_sizes([n, n, self.res_size], dim=-1)
+        res = self.residual_matrix(res, naive=False)
         return torch.sigmoid(pre), res.mT, 2 * torch.sigmoid(post)
 
     def naive_coefficients(self, streams: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,11 +258,12 @@ class ManifoldConnection(nn.Module):
         n, dtype = self.n, streams.dtype
         flat = streams.flatten(-2)
         x = F.rms_norm(flat, flat.shape[-1:], eps=self.eps)  # x~
-        pre, post, res = (x @ cast(self.phi, dtype)).split_with_sizes([n, n, n * n], dim=-1)
+        pre, post, res = (x @ cast(self.phi, dtype)).split_with_sizes(
+            [n, n, self.res_size], dim=-1)
         h_pre = torch.sigmoid(cast(self.alpha_pre, dtype) * pre + cast(self.b_pre, dtype))
         h_post = 2 * torch.sigmoid(cast(self.alpha_post, dtype) * post + cast(self.b_post, dtype))
-        res = cast(self.alpha_res, dtype) * res.unflatten(-1, (n, n)) + cast(self.b_res, dtype)
-        return h_pre, naive_sinkhorn_knopp(res, self.sinkhorn_iters).mT, h_post
+        res = cast(self.alpha_res, dtype) * res + cast(self.b_res.flatten(), dtype)
+        return h_pre, self.residual_matrix(res, naive=True).mT, h_post
 
 
 @register_depth_operator("mhc")
@@ -186,6 +280,7 @@ class ManifoldHyperConnections(HyperConnections):
         sinkhorn_iters: int = 20  # t_max
         init: str = "symmetry_breaking"  # "symmetry_breaking" | "zero" (biases; phi = 0 always)
         impl: str = "auto"  # "auto" | "fused" | "naive" (hyper.py's module docstring)
+        parameterisation: str = "sinkhorn"  # H_res: "sinkhorn" | "lite" | "kron" (docstring)
 
     @classmethod
     def option_metadata(cls, options):
@@ -198,10 +293,20 @@ class ManifoldHyperConnections(HyperConnections):
                 "an integer >= 1")
         require(options.init in INITS, "depth_options.init", options.init, ", ".join(INITS))
         validate_impl(options.impl)
+        require(options.parameterisation in PARAMETERISATIONS, "depth_options.parameterisation",
+                options.parameterisation, ", ".join(PARAMETERISATIONS))
+        if options.parameterisation == "lite":
+            require(options.streams <= MAX_PERMUTED, "depth_options.streams", options.streams,
+                    f"an integer in [1, {MAX_PERMUTED}] with parameterisation 'lite' (n! columns)")
+        if options.parameterisation == "kron":
+            require(max(prime_factors(options.streams), default=1) < MAX_PERMUTED,
+                    "depth_options.streams", options.streams,
+                    "an integer >= 1 whose prime factors are at most 5 with parameterisation 'kron'")
 
     def new_connection(self, config, index: int) -> nn.Module:
         return ManifoldConnection(config.d_model, self.n, index, self.options.init,
-                                  self.options.sinkhorn_iters, config.norm_eps)
+                                  self.options.sinkhorn_iters, config.norm_eps,
+                                  self.options.parameterisation)
 
     def site_tables(self, dtype: torch.dtype) -> dict[int, nn.Module]:
         # each read computes its coefficients itself
@@ -221,14 +326,30 @@ class ManifoldHyperConnections(HyperConnections):
     routing_names = ("H_pre", "H_res^T", "H_post")  # stream_mixing's A_m, A_r, B blocks
 
     def coefficient_macs(self) -> int:
-        """Per sublayer: RMS of the flattened n d streams, n d; x~ phi, n d (n^2 + 2n); Sinkhorn,
-        2 t_max normalisations of an n x n matrix, 2 n^2 each (sums and divisions: counted,
-        as they are not negligible beside n d at small d). Read, mix, write: as HC."""
+        """Per sublayer: RMS of the flattened n d streams, n d; x~ phi, n d (R + 2n) with R res
+        columns; H_res from its R logits. Sinkhorn (R = n^2): 2 t_max normalisations of an
+        n x n matrix, 2 n^2 each (sums and divisions: counted, as they are not negligible
+        beside n d at small d). lite (R = n!): the weighted sum of n! matrices n x n, n! n^2.
+        kron (R = sum_k i_k!): per factor i_k! i_k^2, and each Kronecker step to a matrix of
+        side s, s^2. Read, mix, write: as HC."""
         n, d = self.n, self.d_model
-        return n * d + n * d * (n * n + 2 * n) + 2 * self.options.sinkhorn_iters * 2 * n * n
+        connection = next(iter(self.connections.values()), None)
+        if connection is None:
+            return 0
+        if self.options.parameterisation == "sinkhorn":
+            res = 2 * self.options.sinkhorn_iters * 2 * n * n
+        else:
+            sides = [p.shape[-1] for p in connection.permutations]
+            res = sum(math.factorial(i) * i * i for i in sides)
+            side = sides[0] if sides else 1
+            for i in sides[1:]:
+                side *= i
+                res += side * side
+        return n * d + n * d * (connection.res_size + 2 * n) + res
 
     def no_weight_decay(self) -> set[str]:
         """All of them: phi (zero-initialised coefficient projection), alpha_pre/post/res
-        (0.01) and the biases b_pre, b_post, b_res (b_res = 2 I with the default init) are
-        the connection's coefficients (the paper does not state their weight decay)."""
+        (0.01) and the biases b_pre, b_post, b_res (b_res = 2 I with the default init; the
+        permutation logits 0 / RES_OFF for lite and kron) are the connection's coefficients
+        (the papers do not state their weight decay)."""
         return {name for name, _ in self.named_parameters()}
