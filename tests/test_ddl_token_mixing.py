@@ -107,7 +107,7 @@ def test_ec_expander_matches_loop_reference():
     {"value_dim": 4, "compressor": "tc", "expander": "ec"},
     {"value_dim": 1, "compressor": "tc"},
     {"value_dim": 3, "expander": "ec"},
-    {"value_dim": 2, "compressor": "tc", "token_kernel": 2, "compressor_init": "code"},
+    {"value_dim": 2, "compressor": "tc", "token_kernel": 2, "compressor_init": "average"},
 ])
 def test_model_matches_float64_reference(options):
     model = ddl_model(**options)
@@ -117,7 +117,8 @@ def test_model_matches_float64_reference(options):
 
 def test_initial_values():
     """TC (mean init) starts equal to the default CC compressor, EC equals plain repetition, and
-    the code's TC init averages the last k tokens."""
+    the "average" TC init averages the last k tokens (what `compressor_init="code"` did: it is
+    no longer accepted, as it was not the released code's init)."""
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (2, 9))
     plain = ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": 4})).double()
@@ -125,15 +126,23 @@ def test_initial_values():
         mixed = ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": 4, **options})).double()
         copy_shared_weights(plain, mixed)
         torch.testing.assert_close(mixed(ids), plain(ids))
-    code = TokenConvCompressor(3, 2, K, "code")
-    assert torch.equal(code.conv.weight, torch.full((K, 6), 1 / K))
-    assert torch.equal(code.read, torch.full((2,), 0.5))
+    average = TokenConvCompressor(3, 2, K, "average")
+    assert torch.equal(average.conv.weight, torch.full((K, 6), 1 / K))
+    assert torch.equal(average.read, torch.full((2,), 0.5))
+    options = {"value_dim": 2, "compressor": "tc", "compressor_init": "average"}
+    model = ResStreamLM(tiny_config(depth="ddl", depth_options=options))
+    assert all(torch.equal(c.conv.weight, torch.full((K, 32 * 2), 1 / K))
+               for c in model.depth.compressors.values())
+    with pytest.raises(UserError, match="compressor_init='code' is invalid; allowed: mean, average"):
+        tiny_config(depth="ddl", depth_options={"compressor": "tc", "compressor_init": "code"})
 
 
 @pytest.mark.parametrize("chunks", [[1], [2], [3], [7]])
 @pytest.mark.parametrize("options", [{"value_dim": 4, "compressor": "tc", "expander": "ec"},
-                                     {"value_dim": 1, "compressor": "tc", "expander": "ec"}])
+                                     {"value_dim": 1, "compressor": "tc", "expander": "ec"},
+                                     {"value_dim": 2, "compressor": "tc", "init": "code"}])
 def test_cached_chunked_decoding_equals_full_forward(chunks, options):
+    """(`init="code"`: one TC compressor per block, a decode history per site reading it.)"""
     model = ddl_model(**options)
     ids = torch.randint(0, 64, (2, 15))
     cache = model.new_cache(2, 15)

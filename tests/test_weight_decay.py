@@ -36,7 +36,9 @@ DEPTH_OPTIONS = {
     "laurel": [{"variant": "rw_lr_pa"}, {"variant": "pa", "rw_weights": "none"},
                {"variant": "lr", "granularity": "block"}],
     "ddl": [{"value_dim": 2}, {"value_dim": 2, "compressor": "tc", "expander": "ec", "beta_gate": "mlp"},
-            {"value_dim": 2, "compressor_init": "code", "value": "code"}],
+            {"value_dim": 2, "init": "code", "value": "code"},
+            {"value_dim": 2, "compressor": "tc", "expander": "ec", "init": "code", "beta_gate": "mlp"},
+            {"compressor": "tc", "compressor_init": "average"}, {"value_dim": 2, "weight_decay": False}],
 }
 MIXER_OPTIONS = {
     "shortswa": [{"kv_heads": 2}, {"replace_attention": True}],
@@ -125,6 +127,15 @@ def test_ordinary_projections_of_operators_and_mixers_are_decayed():
     assert "depth.attention.0.o_proj.weight" not in decayed  # zero-init injection gate
     decayed = check_roles(ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": 2})))
     assert "depth.values.0.weight" in decayed and "depth.gates.0.out.weight" not in decayed
+    # DDL's init="code" (the released code's random gate weights and compressor taps): decayed
+    # as the code decays every >= 2-D weight; `weight_decay=False`: no DDL parameter is
+    decayed = check_roles(ResStreamLM(tiny_config(depth="ddl", depth_options={"value_dim": 2, "init": "code"})))
+    assert {"depth.values.0.weight", "depth.gates.0.out.weight", "depth.compressors.layer0.weight",
+            "depth.compressors.final.weight"} <= decayed
+    assert not {"depth.compressors.layer0.read", "depth.gates.0.out.bias", "depth.values.0.bias"} & decayed
+    for options in ({"weight_decay": False}, {"value_dim": 2, "init": "code", "weight_decay": False}):
+        decayed = check_roles(ResStreamLM(tiny_config(depth="ddl", depth_options=options)))
+        assert not any(n.startswith("depth.") for n in decayed), options
     decayed = check_roles(ResStreamLM(tiny_config(local_mixer="shortswa")))
     assert {f"blocks.0.mix.attention.{p}_proj.weight" for p in "qkvo"} <= decayed
     decayed = check_roles(ResStreamLM(tiny_config(local_mixer="shortconv")))

@@ -17,16 +17,42 @@ Householder reflection along k. Final readout: C_final(X) -> final norm -> LM he
 
 Expanded state (d_v > 1): X_0 = x_emb 1^T (plain repetition; the EC expander is an option) and
 the CC compressor x_in[i] = sum_j c_ij X[i, j], c in R^{d x d_v} per site, initialised to
-1/d_v (the read vector of the paper; the released code adds N(0, 0.5/sqrt(d)) noise to the
-compressor weights -- `compressor_init="code"`).
+1/d_v (the mean over the channels; the paper's read vector at its init).
 
 Defaults follow the paper's text (docs/design.md, decision 4); the released code's choices are
 options:
+- `init="paper"` (default): the initial values above and below (beta = beta_init exactly,
+  W_v ~ N(0, init_std), b_v = 0, CC c = 1/d_v, TC per `compressor_init`), one compressor per
+  site. `init="code"`: the parameters of the released code (yifanzhang-pro/deep-delta-learning,
+  commit 2b55f25 of 2026-07-27: model/DDL-vdim1-gpt-mha-rope.py, DDL-gpt-mha-rope-CC-EC.py,
+  DDL-gpt-mha-rope.py (TC), init_utils.py, whose `init_gpt_weights` re-draws every >= 2-D weight
+  from N(0, 0.5/sqrt(d)) after the modules are built):
+    * gate: w_beta ~ N(0, 0.5/sqrt(d)), b_beta = logit(beta_init / 2), so on the normalised c
+      (|c| ~ sqrt(d)) the logit is about N(0, 0.5^2) and beta starts near 1 +- 0.25, per token;
+      the "mlp" gate: W_1 and W_2 ~ N(0, 0.5/sqrt(d)) and no b_1 (the code's `beta_in` has none);
+    * value head: W_v ~ N(0, 0.5/sqrt(d)), b_v ~ U(-1/sqrt(d), 1/sqrt(d)) (nn.Linear's default,
+      which the re-draw leaves alone);
+    * CC (d_v > 1): the code's parameterisation, a conv along the d_v axis with d_v taps
+      w[i] ~ N(0, 0.5/sqrt(d)) per feature ("same" zero padding, left pad (d_v - 1) // 2) and
+      a read vector r = 1/d_v: c_ij = sum_k r_k w[i, j - k + (d_v - 1) // 2]
+      (`ChannelConvCompressor`), so the read starts as a random mix of the channels, not their
+      mean; TC: the token taps ~ N(0, 0.5/sqrt(d)), r = 1/d_v;
+    * one compressor per block, read by the block's attention and MLP sites (each keeps its own
+      TC decode history), plus the final readout's; the EC expander stays identity (the code
+      resets it after the re-draw);
+    * weight decay (`weight_decay=True`) also on the gate weights and the compressor taps, as
+      the code's optimizer decays every >= 2-D weight.
+  A later revision of the code (after that snapshot) scales the draws by fan-in and fan-out
+  (gate weight std 0.5/d, so beta starts at 1 +- 0.25/sqrt(d)) and keeps the compressors at
+  constant averages (TC: taps 1/k, our `compressor_init="average"`); `init="code"` does not
+  follow it. `value="code"` is a separate option (below); the code's own configs combine
+  `init="code"`, `value="code"` and `beta_init=1`.
 - `value="paper"`: v = W_v c.  `value="code"`: v = 4 sigmoid(W_v x_in + b_v) (bounded, from the
   un-normalised x_in).
 - `beta_gate="linear"`: w_beta^T c + b_beta.  `beta_gate="mlp"`: W_2 tanh(W_1 c + b_1) + b_2,
   hidden 128.
-- `beta_init`: b_beta = logit(beta_init / 2), w_beta = 0, so beta = beta_init exactly at step 0.
+- `beta_init`: b_beta = logit(beta_init / 2), w_beta = 0, so beta = beta_init exactly at step 0
+  (`init="paper"`; `init="code"` draws w_beta, so beta starts near beta_init).
   The paper's text does not fix beta_0; its reported configs use 1.0, which we take as the
   default (the model then starts in the exact-overwrite regime along k, NOT at the standard
   residual). The code's module fallback (0.0, clamped to logit(1e-6)) is `beta_init=0`.
@@ -40,11 +66,12 @@ cache; k = `token_kernel` = 4 taps, causal, zero before the first token):
 - `compressor="tc"` (TC): a depthwise causal conv over tokens on the flattened d*d_v channels,
   then the read vector r in R^{d_v} across d_v:
       x_in[t, i] = sum_j r_j sum_{m<k} w_m[i, j] X_{t-m}[i, j]
-  one per site and one for the final readout, like CC (the released code shares one per block
-  between its two sites). Init (`compressor_init="mean"`): w_0 = 1, other taps 0, r = 1/d_v, so
-  TC starts equal to the default CC compressor; `"code"`: every tap 1/k (the released code's
-  average over the last k tokens), r = 1/d_v. TC also works with d_v = 1 (the code's vdim1-TC).
-  Decode state: the last k-1 states X of each site, (k-1) d d_v values per site.
+  one per site and one for the final readout, like CC (`init="code"`: one per block). Init
+  (`compressor_init="mean"`): w_0 = 1, other taps 0, r = 1/d_v, so TC starts equal to the
+  default CC compressor; `"average"`: every tap 1/k (the average over the last k tokens, the
+  later code revision's init), r = 1/d_v; `init="code"`: random taps (above). TC also works
+  with d_v = 1 (the code's vdim1-TC). Decode state: the last k-1 states X of each site,
+  (k-1) d d_v values per site.
 - `expander="ec"` (EC): X_0[t, i, j] = sum_{m<k} e_m[i, j] x_emb[t-m, i], a depthwise causal conv
   with channel multiplier d_v, identity-initialised (e_0 = 1, other taps 0: the current token
   copied into every channel, i.e. the plain repetition). Decode state: the last k-1
@@ -185,20 +212,33 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-class DeltaGate(nn.Module):
-    """beta(c) = 2 sigmoid(gate(c)), float32; starts exactly at beta_init."""
+def code_std(d_model: int) -> float:
+    """The released code's std for every >= 2-D DDL weight: 0.5 / sqrt(d) (`init="code"`)."""
+    return 0.5 / math.sqrt(d_model)
 
-    def __init__(self, d_model: int, beta_init: float, kind: str, init_std: float):
+
+class DeltaGate(nn.Module):
+    """beta(c) = 2 sigmoid(gate(c)), float32. `init="paper"`: starts exactly at beta_init (the
+    output weight is zero); `init="code"`: every weight N(0, 0.5/sqrt(d)) and no hidden bias in
+    the "mlp" gate, so beta starts near beta_init and depends on c."""
+
+    def __init__(self, d_model: int, beta_init: float, kind: str, init_std: float, init: str = "paper"):
         super().__init__()
+        code = init == "code"
+        std = code_std(d_model) if code else init_std
         if kind == "mlp":
-            self.hidden = nn.Linear(d_model, 128)
-            nn.init.normal_(self.hidden.weight, std=init_std)
-            nn.init.zeros_(self.hidden.bias)
+            self.hidden = nn.Linear(d_model, 128, bias=not code)
+            nn.init.normal_(self.hidden.weight, std=std)
+            if self.hidden.bias is not None:
+                nn.init.zeros_(self.hidden.bias)
             self.out = nn.Linear(128, 1)
         else:
             self.hidden = None
             self.out = nn.Linear(d_model, 1)
-        nn.init.zeros_(self.out.weight)
+        if code:
+            nn.init.normal_(self.out.weight, std=std)
+        else:
+            nn.init.zeros_(self.out.weight)
         nn.init.constant_(self.out.bias, _logit(beta_init / 2))
 
     def forward(self, c: Tensor) -> Tensor:
@@ -226,35 +266,61 @@ def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
 
 
 class ChannelCompressor(nn.Module):
-    """CC: x_in[i] = sum_j c_ij X[i, j] (per-feature weights over the d_v channels)."""
+    """CC: x_in[i] = sum_j c_ij X[i, j] (per-feature weights over the d_v channels), c = 1/d_v."""
 
-    def __init__(self, d_model: int, value_dim: int, init: str):
+    def __init__(self, d_model: int, value_dim: int):
         super().__init__()
-        weight = torch.full((d_model, value_dim), 1.0 / value_dim)
-        if init == "code":
-            weight = weight + torch.randn(d_model, value_dim) * (0.5 / math.sqrt(d_model))
-        self.weight = nn.Parameter(weight)
+        self.weight = nn.Parameter(torch.full((d_model, value_dim), 1.0 / value_dim))
 
     def forward(self, X: Tensor) -> Tensor:
         return (X * self.weight).sum(-1)
 
 
-class TokenConvCompressor(nn.Module):
-    """TC: a causal conv over tokens on the d*d_v channels of X, then the read vector over d_v."""
+class ChannelConvCompressor(nn.Module):
+    """The released code's CC (`init="code"`): a depthwise conv along the d_v axis ("same"
+    zero padding, left pad p = (d_v - 1) // 2, d_v taps w[i] per feature), then the read vector r:
+        x_in[i] = sum_k r_k sum_m w[i, m] X[i, k + m - p]
+    i.e. CC's c_ij = sum_k r_k w[i, j - k + p] (terms with j - k + p outside 0..d_v-1 vanish).
+    Init: w ~ N(0, 0.5/sqrt(d)), r = 1/d_v."""
 
-    def __init__(self, d_model: int, value_dim: int, kernel: int, init: str):
+    def __init__(self, d_model: int, value_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_model, value_dim) * code_std(d_model))
+        self.read = nn.Parameter(torch.full((value_dim,), 1.0 / value_dim))
+        k = torch.arange(value_dim)
+        tap = k[None, :] - k[:, None] + (value_dim - 1) // 2  # [k, j]: the tap index j - k + p
+        self.register_buffer("tap", tap.clamp(0, value_dim - 1), persistent=False)
+        self.register_buffer("valid", (tap >= 0) & (tap < value_dim), persistent=False)
+
+    def channel_weights(self) -> Tensor:
+        """c [d, d_v]: c_ij = sum_k r_k w[i, j - k + p] over the valid taps."""
+        taps = self.weight[:, self.tap] * self.valid  # [d, k, j]
+        return torch.einsum("dkj,k->dj", taps, self.read)
+
+    def forward(self, X: Tensor) -> Tensor:
+        return (X * self.channel_weights()).sum(-1)
+
+
+class TokenConvCompressor(nn.Module):
+    """TC: a causal conv over tokens on the d*d_v channels of X, then the read vector over d_v.
+    `streams`: the decode histories kept, one per site that reads through it (`init="code"`
+    shares one compressor between the sites of a block)."""
+
+    def __init__(self, d_model: int, value_dim: int, kernel: int, init: str, streams: int = 1):
         super().__init__()
         self.value_dim = value_dim
+        code = init == "code"
         self.conv = CausalDepthwiseConv(d_model * value_dim, kernel, bias=False, activation="none",
-                                        init="identity")
-        if init == "code":
+                                        init="small" if code else "identity",
+                                        init_std=code_std(d_model), streams=streams)
+        if init == "average":
             with torch.no_grad():
                 self.conv.weight.fill_(1.0 / kernel)
         self.read = nn.Parameter(torch.full((value_dim,), 1.0 / value_dim))
 
-    def forward(self, X: Tensor, ctx=None) -> Tensor:
+    def forward(self, X: Tensor, ctx=None, stream: int = 0) -> Tensor:
         b, t = X.shape[:2]
-        mixed = self.conv(X.reshape(b, t, -1), ctx)  # channel i * d_v + j holds X[i, j]
+        mixed = self.conv(X.reshape(b, t, -1), ctx, stream)  # channel i * d_v + j holds X[i, j]
         return (mixed.view(b, t, -1, self.value_dim) * self.read).sum(-1)
 
 
@@ -273,10 +339,14 @@ class ConvExpander(nn.Module):
         return X0 if self.value_dim > 1 else X0[..., 0]
 
 
-def make_compressor(options, d_model: int) -> nn.Module:
+def make_compressor(options, d_model: int, streams: int = 1) -> nn.Module:
+    code = options.init == "code"
     if options.compressor == "tc":
-        return TokenConvCompressor(d_model, options.value_dim, options.token_kernel, options.compressor_init)
-    return ChannelCompressor(d_model, options.value_dim, options.compressor_init)
+        return TokenConvCompressor(d_model, options.value_dim, options.token_kernel,
+                                   "code" if code else options.compressor_init, streams)
+    if code:
+        return ChannelConvCompressor(d_model, options.value_dim)
+    return ChannelCompressor(d_model, options.value_dim)
 
 
 @dataclass
@@ -305,9 +375,11 @@ class DeepDeltaLearning(DepthOperator):
         beta_gate: str = "linear"  # "linear" | "mlp"
         value: str = "paper"  # "paper" (v = W_v c) | "code" (v = 4 sigmoid(W_v x_in + b_v))
         compressor: str = "cc"  # "cc" (channel mixing; used when value_dim > 1) | "tc" (token conv)
-        compressor_init: str = "mean"  # "mean" (1/d_v) | "code" (1/d_v + N(0, 0.5/sqrt(d)))
+        compressor_init: str = "mean"  # "mean" (1/d_v; TC: current token only) | "average" (TC: taps 1/k)
         expander: str = "none"  # "none" (repeat the embedding into every channel) | "ec" (conv)
         token_kernel: int = 4  # taps of the TC and EC convs over tokens
+        init: str = "paper"  # "paper" | "code": the released code's weights and compressors (docstring)
+        weight_decay: bool = True  # decay the randomly initialised matrices (False: none of DDL's)
         impl: str = "auto"  # "auto" | "fused" | "naive" (module docstring)
 
     @classmethod
@@ -318,8 +390,16 @@ class DeepDeltaLearning(DepthOperator):
         require(options.value in ("paper", "code"), "depth_options.value", options.value, "paper, code")
         require(options.compressor in cls.compressor_choices(), "depth_options.compressor", options.compressor,
                 ", ".join(cls.compressor_choices()))
-        require(options.compressor_init in ("mean", "code"), "depth_options.compressor_init",
-                options.compressor_init, "mean, code")
+        require(options.compressor_init in ("mean", "average"), "depth_options.compressor_init",
+                options.compressor_init, "mean, average")
+        require(options.compressor_init == "mean" or options.compressor == "tc",
+                "depth_options.compressor_init", options.compressor_init,
+                "mean (average is the TC compressor's token average; set compressor=tc)")
+        require(options.init in ("paper", "code"), "depth_options.init", options.init, "paper, code")
+        require(options.init == "paper" or options.compressor_init == "mean", "depth_options.compressor_init",
+                options.compressor_init, "mean with init=code (the code draws the compressor's taps)")
+        require(isinstance(options.weight_decay, bool), "depth_options.weight_decay", options.weight_decay,
+                "true, false")
         require(options.expander in cls.expander_choices(), "depth_options.expander", options.expander,
                 ", ".join(cls.expander_choices()))
         require(isinstance(options.token_kernel, int) and 1 <= options.token_kernel <= 64,
@@ -346,16 +426,26 @@ class DeepDeltaLearning(DepthOperator):
         self.gates = nn.ModuleDict()
         self.values = nn.ModuleDict()
         self.compressors = nn.ModuleDict()
+        code = options.init == "code"
         for index in self.active_sites:
             key = str(index)
-            self.gates[key] = DeltaGate(d, options.beta_init, options.beta_gate, config.init_std)
-            value = nn.Linear(d, dv)
-            nn.init.normal_(value.weight, std=config.init_std)
-            nn.init.zeros_(value.bias)
+            self.gates[key] = DeltaGate(d, options.beta_init, options.beta_gate, config.init_std, options.init)
+            value = nn.Linear(d, dv)  # init "code": nn.Linear's default bias U(+-1/sqrt(d)) stays
+            nn.init.normal_(value.weight, std=code_std(d) if code else config.init_std)
+            if not code:
+                nn.init.zeros_(value.bias)
             self.values[key] = value
+        # the compressor each site reads through: its own ("paper"), or its block's ("code")
+        self.compressor_keys = {s.index: f"layer{s.layer}" if code else str(s.index) for s in sites}
+        # a site's decode history in its TC compressor: its place among the sites sharing it
+        keys = list(self.compressor_keys.values())
+        self.site_stream = {s.index: keys[:position].count(keys[position])
+                            for position, s in enumerate(sites)}
         if dv > 1 or options.compressor == "tc":
-            for index in [s.index for s in sites] + ["final"]:
-                self.compressors[str(index)] = make_compressor(options, d)
+            for key in dict.fromkeys(self.compressor_keys.values()):
+                streams = sum(k == key for k in self.compressor_keys.values())
+                self.compressors[key] = make_compressor(options, d, streams)
+            self.compressors["final"] = make_compressor(options, d)
         self.expander = ConvExpander(d, dv, options.token_kernel) if options.expander == "ec" else None
         # the default heads (linear gate, value from c) can run as one `LinearHeads` node
         self.linear_heads = options.beta_gate == "linear" and options.value == "paper"
@@ -383,14 +473,14 @@ class DeepDeltaLearning(DepthOperator):
         return (x0.dtype in (torch.float32, torch.float64) and x0.dtype == weight.dtype
                 and not torch.is_autocast_enabled(x0.device.type))
 
-    def compress(self, X: Tensor, key: str, ctx=None) -> Tensor:
+    def compress(self, X: Tensor, key: str, ctx=None, stream: int = 0) -> Tensor:
         if key not in self.compressors:  # d_v = 1 without TC: the state is the read
             return X
         compressor = self.compressors[key]
-        return compressor(X, ctx) if isinstance(compressor, TokenConvCompressor) else compressor(X)
+        return compressor(X, ctx, stream) if isinstance(compressor, TokenConvCompressor) else compressor(X)
 
     def read(self, state, site, norm, ctx):
-        state.x_in = self.compress(state.X, str(site.index), ctx)
+        state.x_in = self.compress(state.X, self.compressor_keys[site.index], ctx, self.site_stream[site.index])
         state.c = norm(state.x_in)
         return state.c
 
@@ -448,23 +538,28 @@ class DeepDeltaLearning(DepthOperator):
     def forward_macs_per_token(self, seq_len: int) -> int:
         """Per active sublayer (d_v = value_dim): the gate logit, d (linear) or 128 d + 128
         (mlp); the value W_v, d d_v; k = h / |h|, 2d; the readout k^T X and the rank-1 rewrite
-        beta k (v - k^T X)^T, 2 d d_v. Per compressor (every sublayer's read and the final
-        readout, when d_v > 1 or TC): CC d d_v; TC k d d_v (token conv) + d d_v (read vector).
-        The EC expander: k d d_v once. Inactive sublayers add (free)."""
+        beta k (v - k^T X)^T, 2 d d_v. Per read (every sublayer's and the final readout, when
+        d_v > 1 or TC): CC d d_v; TC k d d_v (token conv) + d d_v (read vector); a compressor
+        shared by a block's sites (`init="code"`) is applied at each of them. The EC expander:
+        k d d_v once. Inactive sublayers add (free)."""
         d, dv, options = self.d_model, self.value_dim, self.options
         gate = d if options.beta_gate == "linear" else 128 * d + 128
         total = len(self.active_sites) * (gate + d * dv + 2 * d + 2 * d * dv)
         taps = options.token_kernel
         per_compressor = (taps + 1) * d * dv if options.compressor == "tc" else d * dv
-        total += len(self.compressors) * per_compressor
+        total += (len(self.sites) + 1 if self.compressors else 0) * per_compressor
         if self.expander is not None:
             total += taps * d * dv
         return total
 
     def no_weight_decay(self) -> set[str]:
-        """Everything but the value heads' W_v (random init, an ordinary projection, decayed as
-        in the released nanoGPT-style code): the gates (w_beta = 0, b_beta = logit(beta_0 / 2);
-        the "mlp" gate's hidden layer is part of the gate), the compressors (CC weights 1/d_v,
-        TC taps and read vector), the EC expander (identity taps) and all biases."""
-        return {name for name, _ in self.named_parameters()
-                if not (name.startswith("values.") and name.endswith(".weight"))}
+        """With `weight_decay` (default), the randomly initialised matrices are decayed, as the
+        released nanoGPT-style code decays its >= 2-D weights: the value heads' W_v and, with
+        `init="code"`, also the gate weights and the compressors' conv taps. Never decayed: the
+        `init="paper"` gates (w_beta = 0, b_beta = logit(beta_0 / 2); the "mlp" gate's hidden
+        layer is part of the gate), the constant-initialised compressors (CC weights 1/d_v, TC
+        taps, read vectors), the EC expander (identity taps) and all biases. Without
+        `weight_decay` no DDL parameter is decayed."""
+        decayed = ("values.",) + (("gates.", "compressors.") if self.options.init == "code" else ())
+        return {name for name, param in self.named_parameters()
+                if not (self.options.weight_decay and param.dim() >= 2 and name.startswith(decayed))}
