@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from reference import head, multihead, norm_weight, rmsnorm, sublayer
 
-from resstream import ResStreamLM
 from resstream.errors import UserError
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, reference_model, sample_ids, tiny_config
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)  # float64 model vs float64 reference
 INIT = dict(rtol=0, atol=1e-5)  # float32 model vs float32 standard twin
@@ -68,18 +67,8 @@ def reference_logits(model, ids, block_fn):
     return torch.stack([ref.logits(block_fn(ref, ref.w["embed.weight"][row])) for row in ids])
 
 
-def build(depth, options=None, mixer=None, dtype=torch.float64, perturb=True, **changes):
-    config = tiny_config(depth=depth, depth_options=options or {}, local_mixer=mixer,
-                         local_window=3, **changes)
-    model = ResStreamLM(config).to(dtype)
-    if perturb:
-        perturb_parameters(model, scale=0.05)
-    return model
-
-
-def ids_for(model, batch=2, length=6):
-    return torch.randint(0, model.config.vocab_size, (batch, length),
-                         generator=torch.Generator().manual_seed(3))
+build = reference_model
+ids_for = sample_ids
 
 
 def standard_block(ref, layer, h):

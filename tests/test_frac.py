@@ -15,25 +15,18 @@ import pytest
 import torch
 from reference import head, norm_weight, rmsnorm, site_kinds, sublayer
 
-from resstream import ResStreamLM
 from resstream.errors import UserError
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, reference_model, sample_ids, tiny_config
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 
 
 def build(options=None, mixer=None, perturb=True, **changes):
-    config = tiny_config(depth="frac", depth_options=options or {}, local_mixer=mixer,
-                         local_window=3, **changes)
     torch.manual_seed(0)
-    model = ResStreamLM(config).double()
-    if perturb:
-        perturb_parameters(model, scale=0.3)
-    return model
+    return reference_model("frac", options, mixer, perturb=perturb, scale=0.3, **changes)
 
 
-def ids_for(model):
-    return torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+ids_for = sample_ids
 
 
 def frac_reference(model, ids):

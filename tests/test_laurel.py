@@ -13,25 +13,19 @@ import pytest
 import torch
 from reference import head, norm_weight, rmsnorm, sublayer
 
-from resstream import ResStreamLM
 from resstream.depth.laurel import VARIANTS
 from resstream.errors import UserError
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, reference_model, sample_ids, tiny_config
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 
 
 def build(options=None, mixer=None, dtype=torch.float64, perturb=True, **changes):
-    config = tiny_config(depth="laurel", depth_options={"rank": 4, **(options or {})},
-                         local_mixer=mixer, local_window=3, **changes)
-    model = ResStreamLM(config).to(dtype)
-    if perturb:
-        perturb_parameters(model, scale=0.05)
-    return model
+    return reference_model("laurel", {"rank": 4, **(options or {})}, mixer, dtype, perturb,
+                           **changes)
 
 
-def ids_for(model):
-    return torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+ids_for = sample_ids
 
 
 def laurel_reference(model, ids):

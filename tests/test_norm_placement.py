@@ -18,22 +18,13 @@ from reference import head, norm_weight, rmsnorm, site_kinds, sublayer
 from resstream import ResStreamLM
 from resstream.depth.deepnorm import deepnet_alpha, deepnet_beta
 from resstream.errors import UserError
-from resstream.testing import baseline_twin, perturb_parameters, tiny_config
+from resstream.testing import baseline_twin, reference_model, sample_ids, tiny_config
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 
 
-def build(depth, options=None, mixer=None, perturb=True, **changes):
-    config = tiny_config(depth=depth, depth_options=options or {}, local_mixer=mixer,
-                         local_window=3, **changes)
-    model = ResStreamLM(config).double()
-    if perturb:
-        perturb_parameters(model, scale=0.05)
-    return model
-
-
-def ids_for(model):
-    return torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+build = reference_model
+ids_for = sample_ids
 
 
 def weights(model):

@@ -15,21 +15,16 @@ from reference import band_attention, head, norm_weight, rmsnorm, rope, sublayer
 from resstream import ResStreamLM
 from resstream.depth.base import DepthOperator
 from resstream.errors import UserError
-from resstream.testing import perturb_parameters, tiny_config
+from resstream.testing import reference_model, sample_ids, tiny_config
 
 TIGHT = dict(rtol=1e-9, atol=1e-9)
 
 
 def build(options=None, mixer=None, **changes):
-    config = tiny_config(depth="value_residual", depth_options=options or {}, local_mixer=mixer,
-                         local_window=3, **changes)
-    model = ResStreamLM(config).double()
-    perturb_parameters(model, scale=0.05)
-    return model
+    return reference_model("value_residual", options, mixer, **changes)
 
 
-def ids_for(model):
-    return torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(3))
+ids_for = sample_ids
 
 
 def attention(x, w, prefix, config, mix_values):

@@ -99,3 +99,23 @@ def run_operator_hooks(op, x0: torch.Tensor, outputs: list[torch.Tensor]):
         reads.append(op.read(state, site, lambda x: x, None))
         state = op.write(state, site, out, None)
     return reads, op.finalize(state, None)
+
+
+def reference_model(depth: str, options: dict | None = None, mixer: str | None = None,
+                    dtype: torch.dtype = torch.float64, perturb: bool = True, scale: float = 0.05,
+                    **changes: Any) -> ResStreamLM:
+    """The model the float64 reference tests compare against their equations: `tiny_config`
+    with `depth` and its options, a ShortSWA window of 3, in `dtype`, its parameters perturbed
+    off their (often baseline-exact) initialisation unless perturb=False."""
+    config = tiny_config(depth=depth, depth_options=options or {}, local_mixer=mixer,
+                         local_window=3, **changes)
+    model = ResStreamLM(config).to(dtype)
+    if perturb:
+        perturb_parameters(model, scale=scale)
+    return model
+
+
+def sample_ids(model: ResStreamLM, batch: int = 2, length: int = 6) -> torch.Tensor:
+    """A fixed batch of token ids for `model` (its own generator: independent of the test's)."""
+    return torch.randint(0, model.config.vocab_size, (batch, length),
+                         generator=torch.Generator().manual_seed(3))
